@@ -1,0 +1,3 @@
+from simscale.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""The `simscale` command: prepare, train, export, eval, info.
+
+The CLI only parses arguments and dispatches; each stage lives in its own module and is
+imported lazily, so `simscale info` and `--help` stay fast and never touch DeepSpeed.
+User errors (SimscaleError) print as one red line and exit 2; anything else is a bug and keeps
+its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
+from simscale.errors import SimscaleError
+
+console = Console(stderr=True)
+
+
+class RichParser(argparse.ArgumentParser):
+    """argparse with its help rendered through rich (a panel, highlighted flags)."""
+
+    def print_help(self, file=None) -> None:  # noqa: ARG002 - rich picks the stream
+        out = Console()
+        out.print(Panel(Text(self.format_help().rstrip()), title=f"[bold]{self.prog}", expand=False))
+
+    def error(self, message: str) -> None:  # one line, then the usage hint
+        console.print(f"[red]error:[/red] {message}  (see `{self.prog} --help`)")
+        raise SystemExit(2)
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="turn images (folders, file lists, tars) into WebDataset shards",
+                       description="Write WebDataset shards + manifest.json from image folders, "
+                       "class folders, text files of paths (optionally 'path label') or existing tars.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="folder, .txt file list or .tar file")
+    p.add_argument("--out", required=True, help="output directory for shard-%%06d.tar and manifest.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-bytes", type=int, default=0, help="also cut a shard past this many bytes")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="downscale so the shorter side is <= this (0: keep)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: all cores)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle samples before sharding")
+    p.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
+    p.add_argument("--max-pixels", type=int, default=89_478_485,
+                   help="refuse images with more pixels (decompression bombs)")
+    p.set_defaults(module="simscale.data.prepare", issue=3)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="SIM pretraining on every rank (start it with deepspeed/torchrun)",
+                       description="Train SIM. Configuration: --preset, then --config YAML, then "
+                       "key.sub=value overrides, e.g. run.dir=runs/x optim.batch_size=128.")
+    p.add_argument("--preset", default="vit_b16", help="tiny, vit_s16, vit_b16, vit_l16, vit_h14, vit_g14")
+    p.add_argument("--config", default=None, help="YAML file with config overrides")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (newest complete checkpoint in run.dir), 'none', or a checkpoint dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(module="simscale.train.run", issue=5)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a timm checkpoint (model.safetensors + config.json)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--encoder", choices=("online", "target"), default="online")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(module="simscale.export", issue=6)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="k-NN or linear probe of an encoder on labelled shards")
+    esub = p.add_subparsers(dest="probe", required=True, parser_class=RichParser)
+    for name, helptext in (("knn", "weighted k-NN top-1 (DINO-style)"),
+                           ("linear", "logistic-regression probe on frozen features")):
+        e = esub.add_parser(name, help=helptext)
+        e.add_argument("--model", required=True, help="exported timm directory (simscale export)")
+        e.add_argument("--train", required=True, help="labelled training shards (manifest/dir/pattern)")
+        e.add_argument("--val", required=True, help="labelled validation shards")
+        e.add_argument("--batch-size", type=int, default=128)
+        if name == "knn":
+            e.add_argument("--k", type=int, default=20)
+            e.add_argument("--temperature", type=float, default=0.07)
+        e.set_defaults(module=f"simscale.eval.{name}", issue=6)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, accelerator and presets")
+    p.set_defaults(module="simscale.info", issue=2)
+
+
+def build_parser() -> RichParser:
+    parser = RichParser(prog="simscale", description="Siamese Image Modeling pretraining at scale.")
+    from simscale import __version__
+
+    parser.add_argument("--version", action="version", version=f"simscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=RichParser)
+    for add in (_add_prepare, _add_train, _add_export, _add_eval, _add_info):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            module = importlib.import_module(args.module)
+        except ModuleNotFoundError as exc:
+            if exc.name != args.module:
+                raise
+            raise SimscaleError(
+                f"`simscale {args.command}` is not built yet (tracked as issue {args.issue})"
+            ) from None
+        return int(module.cli_main(args) or 0)
+    except SimscaleError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shards, two-view crops, masks and the WebDataset stream (the data's way to the device)."""

@@ -1,0 +1,1 @@
+"""What the encoder learned: k-NN and linear probes on labelled shards."""

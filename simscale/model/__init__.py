@@ -1,0 +1,1 @@
+"""SIM on timm ViTs: position embeddings, online/target encoders, projector and predictor."""

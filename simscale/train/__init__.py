@@ -1,0 +1,1 @@
+"""Training under DeepSpeed: engine, EMA, schedules, checkpoints, metrics."""

@@ -1,0 +1,137 @@
+"""The typed config: presets, YAML, overrides, one-line errors, lr scaling."""
+import pytest
+
+from simscale.config import (PRESETS, Config, build_config, from_dict, global_batch, load_yaml,
+                             parse_override, resolve_lr, save_yaml, to_dict)
+from simscale.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_and_validates(name):
+    cfg = build_config(name)
+    assert cfg.preset == name
+    assert cfg.model.img_size % cfg.model.patch_size == 0
+
+
+def test_required_presets_exist():
+    assert {"tiny", "vit_s16", "vit_b16", "vit_l16", "vit_h14", "vit_g14"} <= set(PRESETS)
+
+
+def test_vit_b16_is_the_release_recipe():
+    c = build_config("vit_b16")
+    assert (c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.patch_size) == (768, 12, 12, 16)
+    assert (c.model.decoder_dim, c.model.decoder_heads) == (768, 16)
+    assert (c.model.projector_depth, c.model.predictor_depth) == (2, 4)
+    assert c.model.final_norm is False and c.model.decoder_norm == "bn"
+    assert c.optim.betas == (0.9, 0.95) and c.optim.base_lr == 6.25e-5
+    assert (c.optim.epochs, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.clip_grad) == (1600, 40, 0.05, 1.0)
+    assert c.loss.lam == 0.02 and (c.loss.a_global, c.loss.a_dense) == (0.0, 1.0)
+    assert c.ema.momentum == 0.995 and c.ema.momentum_end == 1.0
+    assert c.data.mask.ratio == 0.6 and c.data.crop_scale == (0.08, 1.0)
+
+
+def test_larger_presets_follow_timm_shapes():
+    assert build_config("vit_l16").model.embed_dim == 1024
+    h = build_config("vit_h14").model
+    assert (h.embed_dim, h.depth, h.patch_size) == (1280, 32, 14)
+    g = build_config("vit_g14").model
+    assert (g.embed_dim, g.depth, g.num_heads) == (1408, 40, 16)
+
+
+def test_overrides_are_typed_and_nested():
+    c = build_config("tiny", overrides=["optim.batch_size=16", "loss.lam=1e-2", "model.final_norm=true",
+                                        "data.crop_scale=[0.2, 1.0]", "run.dir=/tmp/x"])
+    assert c.optim.batch_size == 16 and c.loss.lam == 0.01 and c.model.final_norm is True
+    assert c.data.crop_scale == (0.2, 1.0) and c.run.dir == "/tmp/x"
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert build_config("tiny", overrides=["loss.lam=1"]).loss.lam == 1.0
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        build_config("tiny", overrides=["optim.batch_size=2.5"])
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError) as err:
+        build_config("tiny", overrides=["optim.batchsize=4"])
+    msg = str(err.value)
+    assert "optim.batchsize" in msg and "optim.batch_size" in msg and "\n" not in msg
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="closest valid key: 'optim'"):
+        build_config("tiny", overrides=["optm.lr=1"])
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(ConfigError) as err:
+        build_config("tiny", overrides=["model.depth=deep"])
+    assert "model.depth" in str(err.value) and "int" in str(err.value)
+
+
+def test_bad_choice_is_rejected():
+    with pytest.raises(ConfigError, match="deepspeed.precision"):
+        build_config("tiny", overrides=["deepspeed.precision=fp8"])
+
+
+def test_unknown_preset_suggests_one():
+    with pytest.raises(ConfigError, match="vit_b16"):
+        build_config("vit_b61")
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("optim.lr")
+
+
+def test_yaml_round_trip(tmp_path):
+    c = build_config("tiny", overrides=["optim.batch_size=3", "data.same_view=true"])
+    path = tmp_path / "cfg.yaml"
+    save_yaml(c, path)
+    again = build_config("tiny", yaml_file=path)
+    assert again == c
+    assert from_dict(to_dict(c)) == c
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  batch_size: 5\nloss:\n  lam: 0.5\n")
+    c = build_config("tiny", yaml_file=path, overrides=["optim.batch_size=7"])
+    assert c.optim.batch_size == 7 and c.loss.lam == 0.5
+
+
+def test_yaml_with_bad_key_is_rejected(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  dept: 3\n")
+    with pytest.raises(ConfigError, match="model.depth"):
+        build_config("tiny", yaml_file=path)
+
+
+def test_missing_and_broken_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+
+
+def test_lr_scaling_is_applied_once():
+    c = build_config("vit_b16", overrides=["optim.batch_size=64"])
+    assert global_batch(c, 64) == 4096
+    scaled, msg = resolve_lr(c, world_size=64)
+    assert scaled.optim.lr == pytest.approx(6.25e-5 * 4096 / 256)
+    assert "4096" in msg and c.optim.lr == 0.0  # input untouched
+    again, msg2 = resolve_lr(scaled, world_size=64)
+    assert again.optim.lr == scaled.optim.lr and "no scaling" in msg2
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="patch_size"):
+        build_config("tiny", overrides=["model.img_size=30"])
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        build_config("tiny", overrides=["deepspeed.offload_param=cpu"])
+
+
+def test_defaults_equal_the_vit_b16_preset():
+    assert build_config("vit_b16") == Config(preset="vit_b16")
