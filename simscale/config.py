@@ -54,6 +54,7 @@ class MaskConfig:
 class DataConfig:
     train: str = ""  # manifest.json, a directory of shards, or a brace pattern of .tar files
     mode: str = "epoch"  # "epoch": every sample once per epoch; "resampled": with replacement
+    samples_per_epoch: int = 0  # resampled mode: epoch length (0: the manifest's total)
     num_workers: int = 4
     shuffle_buffer: int = 1000
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -125,6 +126,13 @@ class RunConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection, for the tests that prove resume and NaN handling (off by default)."""
+    nan_at_step: int = -1  # make this step's loss NaN (the step must be skipped)
+    kill_at_step: int = -1  # hard-exit the process right after this step (no cleanup)
+
+
+@dataclass
 class Config:
     preset: str = "vit_b16"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +143,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from simscale.config import build_config
-from simscale.errors import SimscaleError
 
 
 def cli_main(args) -> int:
     cfg = build_config(args.preset, args.config, args.overrides)
-    raise SimscaleError(
-        f"config for preset '{cfg.preset}' is valid, but the training loop is not built yet (issue 5)"
-    )
+    from simscale.train.loop import train
+
+    train(cfg, resume=args.resume)
+    return 0

@@ -1,0 +1,88 @@
+"""Process-group setup in one place: rank and world from torchrun, the deepspeed launcher or SLURM.
+
+This is the only module (with the CLI) that reads the environment. A single process with no
+launcher variables still gets a real process group (world size 1), so the training code has no
+special case for it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_launchers() -> tuple[int, int, int]:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, accelerate
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun starting one task per GPU
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("RANK", str(rank))
+        env.setdefault("WORLD_SIZE", str(world))
+        env.setdefault("LOCAL_RANK", str(local))
+        return rank, world, local
+    return 0, 1, 0
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """DeepSpeed compiles a CPU shared-memory comm op with g++ at every engine init (50-70 s cold).
+
+    It only speeds up CPU inference collectives; training on CPU (tests, CI) uses gloo either
+    way, so we switch the build off. The module is fetched with importlib because
+    `import deepspeed.comm.torch as m` yields the torch package (name clash in deepspeed.comm).
+    """
+    module = importlib.import_module("deepspeed.comm.torch")
+    module.build_shm_op = lambda: None
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU)."""
+    import deepspeed
+
+    rank, world, local = _env_from_launchers()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world > 1:
+            os.environ["MASTER_PORT"] = "29500"
+        else:
+            os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        skip_cpu_shm_comm_build()
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                   verbose=False, rank=rank, world_size=world)
+    return DistInfo(rank, world, local, device, backend)

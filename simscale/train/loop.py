@@ -1,0 +1,239 @@
+"""The SIM training loop under DeepSpeed. `train_step` reads top to bottom; the rest sets up.
+
+One optimizer step = EMA update (if the online weights moved since the last one) -> for each
+micro-batch: photometric ops on the device, forward, UniGrad, backward, DeepSpeed step.
+DeepSpeed's ZeRO optimizers refuse a step whose gradients are not finite (they zero the
+gradients and leave weights and Adam state alone); we read that back with `was_step_applied`,
+count it, skip the EMA, and stop after a configured streak.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from simscale.config import Config, resolve_lr, save_yaml, to_dict
+from simscale.errors import SimscaleError
+from simscale.train.checkpoint import Checkpointer, check_compatible, read_meta
+from simscale.train.distributed import DistInfo, init_distributed
+from simscale.train.ds_config import build_ds_config
+from simscale.train.ema import ShardedEMA
+from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
+from simscale.train.schedules import Schedule
+
+
+@dataclass
+class LoopState:
+    """Everything besides DeepSpeed's own files that a resume needs, per rank."""
+    step: int = 0  # optimizer steps attempted (applied or skipped)
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches this rank consumed in `epoch`
+    ema_pending: bool = False  # online weights moved since the last EMA update
+    skipped: int = 0
+    nonfinite_streak: int = 0
+    losses: list[float] = field(default_factory=list)  # per-step mean loss, for the record
+
+    def rng(self) -> dict[str, Any]:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def param_groups(model) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only (no decay on biases and 1-D params)."""
+    decay, no_decay = [], []
+    for p in model.online_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "auto", dist_info: DistInfo | None = None):
+        import deepspeed
+
+        from simscale.data.stream import TwoViewStream
+        from simscale.model.flops import train_flops_per_sample
+        from simscale.model.sim import SIM
+
+        self.info = dist_info or init_distributed()
+        self.cfg, lr_msg = resolve_lr(cfg, self.info.world_size)
+        self.run_dir = Path(self.cfg.run.dir)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
+        seed = self.cfg.run.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # identical init on every rank
+
+        self.stream = TwoViewStream(self.cfg, rank=self.info.rank, world_size=self.info.world_size)
+        self.accum = self.cfg.optim.grad_accum
+        steps_per_epoch = self.stream.batches_per_epoch // self.accum
+        if steps_per_epoch < 1:
+            raise SimscaleError(
+                f"an epoch has {self.stream.batches_per_epoch} batches per rank, fewer than "
+                f"optim.grad_accum={self.accum}: use more data or a smaller batch"
+            )
+        self.steps_per_epoch = steps_per_epoch
+        self.schedule = Schedule.from_config(self.cfg, steps_per_epoch)
+
+        on_cpu = self.info.device.type == "cpu"
+        self.ds_config = build_ds_config(self.cfg, self.info.world_size, on_cpu)
+        dtype = torch.bfloat16 if self.cfg.deepspeed.precision == "bf16" else torch.float32
+        self.dtype = dtype
+        if self.cfg.deepspeed.zero_stage == 3:
+            # Build straight into partitions: ViT-H/g never exist whole on one rank.
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=dtype):
+                model = SIM(self.cfg)
+        else:
+            model = SIM(self.cfg)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+                                                    config=self.ds_config)
+        self.model = self.engine.module
+        self.ema = ShardedEMA(self.model.ema_pairs())
+        self.flops_per_sample = train_flops_per_sample(self.cfg)
+        self.peak = device_peak_flops()
+        self.state = LoopState()
+        self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
+        self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
+                                self.schedule.total_steps)
+        self.sink.print(f"simscale: {self.cfg.preset}, world {self.info.world_size} ({self.info.backend}), "
+                        f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
+                        f"{self.schedule.total_steps} steps of global batch "
+                        f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")
+        self._resume(resume)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _resume(self, resume: str) -> None:
+        tag_dir = self.ckpt.find_resumable(resume)
+        if tag_dir is None:
+            return
+        check_compatible(read_meta(tag_dir)["config"], to_dict(self.cfg), tag_dir)
+        saved = self.ckpt.load(self.engine, tag_dir)
+        self.ema.load_state_dict(saved["ema"])
+        self.state = saved["loop"]
+        _set_rng(saved["rng"])
+        self.sink.print(f"resumed from {tag_dir} at step {self.state.step} "
+                        f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
+
+    def save(self) -> Path:
+        state = {"loop": self.state, "ema": self.ema.state_dict(), "rng": self.state.rng()}
+        meta = {"config": to_dict(self.cfg), "ema_layout": self.ema.state_dict()["layout"]}
+        return self.ckpt.save(self.engine, self.state.step, state, meta)
+
+    # -- data -------------------------------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches from the saved stream position on, across epoch boundaries."""
+        s = self.state
+        while True:
+            for batch in self.stream.batches(epoch=s.epoch, skip=s.micro_in_epoch):
+                s.micro_in_epoch += 1
+                yield batch
+            s.epoch += 1
+            s.micro_in_epoch = 0
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        from simscale.data.photometric import apply_photometric
+
+        dev = self.info.device
+        a = apply_photometric(batch["view_a"].to(dev, non_blocking=True), batch["photo_a"].to(dev), view="a")
+        b = apply_photometric(batch["view_b"].to(dev, non_blocking=True), batch["photo_b"].to(dev), view="b")
+        return (a.to(self.dtype), b.to(self.dtype), batch["geometry"].to(dev), batch["mask"].to(dev))
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def train_step(self, batches) -> dict[str, float]:
+        s, sched = self.state, self.schedule
+        lr, wd, momentum = sched.lr_at(s.step), sched.wd_at(s.step), sched.momentum_at(s.step)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
+        if s.ema_pending:  # before the target forward, once per applied optimizer step
+            self.ema.update(momentum)
+            s.ema_pending = False
+        data_wait, losses = 0.0, []
+        for _ in range(self.accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t0
+            view_a, view_b, geometry, mask = self._to_device(batch)
+            if s.step == self.cfg.fault.nan_at_step:
+                view_a = view_a * float("nan")
+            out = self.engine(view_a, view_b, geometry, mask)
+            loss, stats = self.model.loss(out)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        applied = self.engine.was_step_applied()
+        mean_loss = torch.stack(losses).mean()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= dist.get_world_size()
+        if applied:
+            s.ema_pending = True
+            s.nonfinite_streak = 0
+        else:
+            s.skipped += 1
+            s.nonfinite_streak += 1
+        s.losses.append(float(mean_loss))
+        s.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": float(mean_loss), "lr": lr, "weight_decay": wd, "momentum": momentum,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait}
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> LoopState:
+        cfg, s = self.cfg, self.state
+        total = self.schedule.total_steps
+        batches = self._batches()
+        global_batch = cfg.optim.batch_size * self.accum * self.info.world_size
+        self.engine.train()
+        try:
+            while s.step < total:
+                t0 = time.perf_counter()
+                m = self.train_step(batches)
+                dt = time.perf_counter() - t0
+                step = s.step - 1
+                if not m["applied"]:
+                    self.sink.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
+                                    f"({s.nonfinite_streak} in a row, {s.skipped} in all)[/yellow]")
+                    if s.nonfinite_streak >= cfg.run.max_nonfinite_streak:
+                        raise SimscaleError(
+                            f"{s.nonfinite_streak} steps in a row had a non-finite loss or gradient "
+                            f"(run.max_nonfinite_streak={cfg.run.max_nonfinite_streak}); the last good "
+                            f"checkpoint is in {self.ckpt.root}: lower optim.base_lr or check the data"
+                        )
+                if step % cfg.log.every == 0 or s.step == total:
+                    achieved = self.flops_per_sample * global_batch / dt / self.info.world_size
+                    m.update(images_per_s=global_batch / dt, step_time=dt, data_wait=m.pop("data_time") / dt,
+                             tflops_per_device=achieved / 1e12,
+                             mfu=achieved / self.peak if self.peak else None, memory_gb=memory_gb(),
+                             epoch=s.epoch)
+                    self.sink.log(step, m)
+                else:
+                    self.sink.advance(step)
+                if s.step % cfg.run.save_every == 0 or s.step == total:
+                    self.save()
+                if s.step - 1 == cfg.fault.kill_at_step:
+                    os._exit(17)  # simulated crash: no cleanup, no final checkpoint
+        finally:
+            self.sink.close()
+        return s
+
+
+def train(cfg: Config, resume: str = "auto") -> LoopState:
+    return Trainer(cfg, resume).fit()
