@@ -83,9 +83,12 @@ def _add_eval(sub) -> None:
         e.add_argument("--train", required=True, help="labelled training shards (manifest/dir/pattern)")
         e.add_argument("--val", required=True, help="labelled validation shards")
         e.add_argument("--batch-size", type=int, default=128)
+        e.add_argument("--workers", type=int, default=None, help="decode workers (default: min(4, cores))")
         if name == "knn":
             e.add_argument("--k", type=int, default=20)
             e.add_argument("--temperature", type=float, default=0.07)
+        else:
+            e.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the probe")
         e.set_defaults(module=f"simscale.eval.{name}", issue=6)
 
 

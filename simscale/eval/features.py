@@ -1,0 +1,185 @@
+"""Frozen-encoder features for the probes: load an exported timm directory, encode labelled shards.
+
+An exported encoder is a timm pretrained directory (`config.json` + `model.safetensors`, the
+layout `timm.models.save_for_hf` writes). It is loaded by timm itself through its `local-dir:`
+source, strictly, so the probes see exactly what a timm user gets from the same files.
+
+Features are the model's own pooled pre-logits: `forward_head(forward_features(x),
+pre_logits=True)` with `num_classes=0`. For a SIM ViT (`global_pool="token"`) that is the cls
+token output (after `fc_norm` if the model has one); whatever `global_pool` the exported
+config names is what is used, so k-NN and linear probe measure the representation users get.
+
+Eval transform (DINO/MAE convention): resize the shorter side to img_size * 256/224 (bicubic),
+centre-crop img_size, normalise. Grayscale and palette images are converted to RGB.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch import nn
+from torchvision import transforms
+
+from simscale.data.shards import ShardSet, resolve_shards
+from simscale.errors import CheckpointError, DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def load_encoder(model_dir: str | Path) -> nn.Module:
+    """An exported encoder as a timm model in eval mode (no classifier head), loaded strictly."""
+    import timm  # imports torchvision; keep it off the CLI's import path
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory '{path}' not found: pass the --out DIR of `simscale export`")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise CheckpointError(f"'{path / name}' is missing: '{path}' is not a `simscale export` "
+                                  "directory (it needs config.json and model.safetensors)")
+    try:
+        cfg = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{path / CONFIG}' is not valid JSON: re-run `simscale export`") from None
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        raise CheckpointError(f"'{path / CONFIG}' names no 'architecture': re-run `simscale export`")
+    try:
+        # local-dir: reads config.json (architecture, model_args, pretrained_cfg) and loads the
+        # weights with load_state_dict(strict=True); a shape or key mismatch raises.
+        model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, num_classes=0)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load '{path}' with timm ({cfg['architecture']}): {first[:300]}; "
+                              "the weights do not match config.json, re-run `simscale export`") from None
+    return model.eval()
+
+
+def input_config(model: nn.Module) -> tuple[int, tuple, tuple]:
+    """(img_size, mean, std) for the eval transform.
+
+    A model loaded from an export directory (timm marks its pretrained_cfg source 'local-dir')
+    uses the preprocessing its config.json names (the exporter writes the normalisation
+    training used). A live module from the trainer is normalised as in training, with ImageNet
+    statistics: its timm pretrained_cfg describes some hub checkpoint, not our weights.
+    """
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if size is None:
+        size = cfg.get("input_size", (3, 224, 224))[1:]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    if cfg.get("source") == "local-dir" and "mean" in cfg and "std" in cfg:
+        return int(size), tuple(cfg["mean"]), tuple(cfg["std"])
+    return int(size), IMAGENET_MEAN, IMAGENET_STD
+
+
+def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
+    resize = int(math.floor(img_size * 256 / 224 + 0.5))
+    return transforms.Compose([
+        transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def _image_and_label(transform):
+    def apply(sample: dict):
+        image = sample.get("jpg", sample.get("jpeg", sample.get("png")))
+        label = sample.get("cls")
+        # Unlabelled or imageless samples are flagged (-1) rather than raised here: an error
+        # inside a DataLoader worker would reach the user as a multi-line traceback.
+        if image is None or label is None:
+            return torch.zeros(3, 1, 1), -1
+        return transform(image), int(label)
+    return apply
+
+
+def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
+    # Every process reads every shard (evaluation is not split across ranks); in order.
+    dataset = (
+        wds.WebDataset(shards.urls, shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False)
+        .decode("pil")
+        .map(_image_and_label(transform))
+    )
+    workers = min(workers, len(shards.urls))
+
+    def collate(items):
+        bad = [y for _, y in items if y < 0]
+        if bad:
+            return None, torch.tensor([-1])
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's pooled pre-logits (cls token for global_pool='token'); any timm model."""
+    if hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+    return model(images)
+
+
+@torch.no_grad()  # not inference_mode: the linear probe trains on these tensors
+def extract_features(
+    model: nn.Module,
+    shards: str | ShardSet,
+    batch_size: int = 128,
+    workers: int = 0,
+    img_size: int | None = None,
+    mean=None,
+    std=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode every labelled sample of `shards`: (features [N, D] float32 on CPU, labels [N] int64).
+
+    `model` is a live module (in-training eval; training mode is restored after) or one from
+    `load_encoder`. Features are not normalised here; the k-NN normalises, the probe standardises.
+    """
+    shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
+    size, m, s = input_config(model)
+    transform = eval_transform(img_size or size, mean or m, std or s)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for images, y in _loader(shard_set, transform, batch_size, workers):
+            if images is None:
+                raise DataError(f"shards '{shard_set.urls[0]}'... hold samples without an image or a .cls "
+                                "label: prepare them from class folders (`simscale prepare CLASS_DIR`)")
+            out = pooled_features(model, images.to(param.device, param.dtype))
+            feats.append(out.float().cpu())
+            labels.append(y)
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise DataError(f"no samples in shards '{shard_set.urls[0]}' ({len(shard_set.urls)} shards)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def encode_splits(args) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], int]:
+    """CLI helper for both probes: load --model, encode --train and --val. Returns (train, val, n_classes)."""
+    train_set, val_set = resolve_shards(args.train), resolve_shards(args.val)
+    if train_set.classes and val_set.classes and list(train_set.classes) != list(val_set.classes):
+        raise DataError(f"--train and --val name different classes ({len(train_set.classes)} vs "
+                        f"{len(val_set.classes)}): prepare both from the same class folders")
+    model = load_encoder(args.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    workers = getattr(args, "workers", None)
+    workers = default_workers() if workers is None else workers
+    train = extract_features(model, train_set, args.batch_size, workers)
+    val = extract_features(model, val_set, args.batch_size, workers)
+    n_classes = max(len(train_set.classes or ()), int(max(train[1].max(), val[1].max())) + 1)
+    return train, val, n_classes
