@@ -1,0 +1,250 @@
+"""The two-view stream each rank iterates: shards -> (rank, worker) slots -> decoded batches.
+
+Exact-epoch mode ("epoch"), the default:
+- Per epoch the shard order is a permutation drawn from (seed, epoch) only. The manifest's
+  per-shard counts, concatenated in that order, form one global sequence of samples.
+- Each rank takes `batches_per_epoch * B` consecutive positions of it (batches_per_epoch =
+  total // (B * world_size), the same on every rank, so no rank waits at a collective). The
+  remainder that does not fill a last global batch is DROPPED; it lies at the end of the
+  permuted order, so which samples are dropped changes from epoch to epoch.
+- Within a rank, batch k belongs to virtual slot k % S (S = max(1, num_workers)). Each slot owns
+  a contiguous range, opens only the shards overlapping it and skips (reads, never decodes) to
+  its start. The DataLoader asks workers round-robin, so on a resume at batch `skip` worker w
+  serves slot (skip + w) % S: the batch -> samples map never depends on which process decodes.
+- Inside a slot, samples are shuffled in chunks (a multiple of B, about data.shuffle_buffer)
+  with a permutation from (seed, epoch, chunk start): a shuffle buffer that can be replayed.
+Resampled mode ("resampled"): each slot draws shards with replacement (wds.ResampledShards,
+seeded from (seed, epoch, rank, slot)); an epoch is data.samples_per_epoch samples (default:
+the manifest total) and ends after batches_per_epoch batches on every rank.
+
+Per-sample randomness (flips, boxes, mask, photometric parameters) comes from a generator
+seeded with (seed, epoch, index), `index` being the sample's position in the epoch's global
+sequence, so any sample can be reproduced alone. A resume position is (epoch, batches this
+rank already consumed in it); resuming needs the same world size and num_workers.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from simscale.data.masking import block_mask
+from simscale.data.photometric import draw_params
+from simscale.data.shards import ShardSet, resolve_shards
+from simscale.data.views import TwoViewCrop
+from simscale.errors import DataError
+
+_SHARD_ORDER, _CHUNK_ORDER = 1, 2  # stream ids so the seeds of different draws never collide
+
+
+def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
+    """The epoch's shard permutation: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(num_shards)
+
+
+def sample_rngs(seed: int, epoch: int, index: int) -> list[np.random.Generator]:
+    """Independent generators (crop, mask, photometric) for one sample of one epoch."""
+    ss = np.random.SeedSequence([seed, epoch, int(index)])
+    return [np.random.Generator(np.random.PCG64(s)) for s in ss.spawn(3)]
+
+
+def _read_shard(url: str, skip: int = 0) -> Iterator[dict]:
+    """Samples of one tar in stored order; the first `skip` are read but never decoded."""
+    with open(url, "rb") as f:
+        members = (dict(m, __url__=url) for m in tar_file_iterator(f))
+        for n, sample in enumerate(group_by_keys(members)):
+            if n >= skip:
+                yield sample
+
+
+@dataclass
+class _Plan:
+    """Everything a worker needs to produce its batches, picklable."""
+    urls: list[str]
+    counts: list[int] | None
+    mode: str
+    seed: int
+    batch_size: int
+    slots: int
+    rank: int
+    world_size: int
+    batches_per_epoch: int
+    chunk: int
+    img_size: int
+    grid: int
+    crop: TwoViewCrop
+    mask_ratio: float
+    min_block: int
+    min_aspect: float
+    color_aug: bool
+
+    def slot_batches(self, slot: int) -> int:
+        return max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
+
+    def slot_start(self, slot: int) -> int:
+        rank_start = self.rank * self.batches_per_epoch * self.batch_size
+        return rank_start + self.batch_size * sum(self.slot_batches(s) for s in range(slot))
+
+    # ------------------------------------------------------------------ raw samples per slot
+    def _exact_raw(self, epoch: int, start: int) -> Iterator[tuple[int, dict]]:
+        """(global index, raw sample) from position `start` of the epoch's global sequence."""
+        order = shard_order(self.seed, epoch, len(self.urls))
+        pos = 0
+        for s in order:
+            n = self.counts[s]
+            if pos + n > start:
+                seen = max(0, start - pos)
+                got = seen
+                for sample in _read_shard(self.urls[s], skip=seen):
+                    if got >= n:
+                        break
+                    yield pos + got, sample
+                    got += 1
+                if got < n:
+                    raise DataError(f"shard '{self.urls[s]}' holds fewer samples than its manifest "
+                                    f"says ({got} < {n}): re-run `simscale prepare`")
+                start = pos + n
+            pos += n
+
+    def _resampled_raw(self, epoch: int, slot: int, base: int) -> Iterator[tuple[int, dict]]:
+        gid = self.rank * self.slots + slot
+        shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
+                                     worker_seed=lambda: gid)
+        shards.epoch = epoch - 1  # ResampledShards counts epochs itself, +1 per iteration
+        k = base
+        for entry in shards:
+            for sample in _read_shard(entry["url"]):
+                yield k, sample
+                k += 1
+
+    # ------------------------------------------------------------------ decoded batches
+    def _decode(self, epoch: int, index: int, sample: dict) -> dict:
+        crop_rng, mask_rng, photo_rng = sample_rngs(self.seed, epoch, index)
+        data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
+        if data is None:
+            raise DataError(f"sample '{sample.get('__key__')}' in '{sample.get('__url__', '?')}' "
+                            "has no .jpg: shards must come from `simscale prepare`")
+        view_a, view_b, geometry = self.crop(data, crop_rng)
+        mask = block_mask(mask_rng, self.grid, self.mask_ratio, self.min_block, self.min_aspect)
+        cls = sample.get("cls")
+        return {"view_a": view_a, "view_b": view_b, "geometry": geometry, "mask": mask,
+                "photo_a": draw_params(photo_rng, "a", self.color_aug),
+                "photo_b": draw_params(photo_rng, "b", self.color_aug),
+                "label": int(cls) if cls else -1, "index": index}
+
+    def batches(self, epoch: int, slot: int, first_local: int) -> Iterator[dict]:
+        """Local batches first_local, first_local+1, ... of one slot."""
+        B, nb = self.batch_size, self.slot_batches(slot)
+        if first_local >= nb:
+            return
+        length = nb * B
+        base = self.slot_start(slot)
+        chunk0 = (first_local * B) // self.chunk
+        if self.mode == "epoch":
+            raw = self._exact_raw(epoch, base + chunk0 * self.chunk)
+        else:
+            raw = self._resampled_raw(epoch, slot, base)
+            for _ in range(chunk0 * self.chunk):  # replay without decoding
+                next(raw)
+        pos = chunk0 * self.chunk
+        while pos < length:
+            size = min(self.chunk, length - pos)
+            items = [next(raw) for _ in range(size)]
+            perm = np.random.default_rng([self.seed, epoch, _CHUNK_ORDER, base + pos]).permutation(size)
+            for b in range(size // B):
+                local = (pos + b * B) // B
+                if local < first_local:
+                    continue
+                chosen = [items[i] for i in perm[b * B:(b + 1) * B]]
+                yield collate([self._decode(epoch, idx, s) for idx, s in chosen])
+            pos += size
+
+
+def collate(samples: list[dict]) -> dict:
+    def stack(key, dtype=None):
+        return torch.from_numpy(np.stack([s[key] for s in samples]))
+
+    return {
+        "view_a": stack("view_a").permute(0, 3, 1, 2).contiguous(),
+        "view_b": stack("view_b").permute(0, 3, 1, 2).contiguous(),
+        "geometry": stack("geometry"),
+        "mask": stack("mask"),
+        "photo_a": stack("photo_a"),
+        "photo_b": stack("photo_b"),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+    }
+
+
+class _EpochBatches(IterableDataset):
+    def __init__(self, plan: _Plan, epoch: int, skip: int, workers: int):
+        self.plan, self.epoch, self.skip, self.workers = plan, epoch, skip, max(1, workers)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        first = self.skip + wid  # the DataLoader asks worker 0 first, then round-robin
+        if first >= self.plan.batches_per_epoch:
+            return iter(())
+        slot = first % self.plan.slots
+        return self.plan.batches(self.epoch, slot, first // self.plan.slots)
+
+
+class TwoViewStream:
+    """Batches of two views + geometry + mask + photometric parameters for one rank."""
+
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1):
+        d = cfg.data
+        self.shards: ShardSet = resolve_shards(d.train)
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = d.num_workers
+        B = cfg.optim.batch_size
+        slots = max(1, d.num_workers)
+        if d.mode == "epoch":
+            if self.shards.counts is None:
+                raise DataError(f"exact-epoch mode needs per-shard sample counts but '{d.train}' has no "
+                                "manifest.json: point data.train at a `simscale prepare` output "
+                                "(or its manifest), or set data.mode=resampled")
+            samples = self.shards.total
+        else:
+            samples = d.samples_per_epoch or (self.shards.total or 0)
+            if not samples:
+                raise DataError("resampled mode without a manifest needs data.samples_per_epoch=N")
+            if len(self.shards.urls) < slots * world_size:
+                warnings.warn(f"{len(self.shards.urls)} shards for {slots * world_size} "
+                              "(rank, worker) slots: resampling will repeat shards often; "
+                              "write more, smaller shards", stacklevel=2)
+        self.samples_per_epoch = samples
+        self.batches_per_epoch = samples // (B * world_size)
+        if self.batches_per_epoch < 1:
+            raise DataError(f"{samples} samples cannot fill one global batch of {B} x {world_size} "
+                            "ranks: lower optim.batch_size or add data")
+        m = cfg.model
+        self.plan = _Plan(
+            urls=self.shards.urls, counts=self.shards.counts, mode=d.mode, seed=cfg.run.seed,
+            batch_size=B, slots=slots, rank=rank, world_size=world_size,
+            batches_per_epoch=self.batches_per_epoch,
+            chunk=max(1, d.shuffle_buffer // B) * B, img_size=m.img_size,
+            grid=m.img_size // m.patch_size,
+            crop=TwoViewCrop(m.img_size, tuple(d.crop_scale), tuple(d.crop_ratio), d.same_view),
+            mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,
+            min_aspect=d.mask.min_aspect, color_aug=d.color_aug)
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """Batches skip, skip+1, ... of `epoch` for this rank; ends after batches_per_epoch."""
+        if not 0 <= skip <= self.batches_per_epoch:
+            raise DataError(f"resume position skip={skip} is outside epoch of "
+                            f"{self.batches_per_epoch} batches: the checkpoint's data position "
+                            "does not match this data set")
+        dataset = _EpochBatches(self.plan, epoch, skip, self.num_workers)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=4 if self.num_workers else None)
+        yield from loader
