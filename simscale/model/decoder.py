@@ -11,7 +11,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from simscale.config import ModelConfig
-from simscale.model.encoder import keep_visible
+from simscale.model.encoder import gather_tokens
 from simscale.model.pos_embed import abs_pos_embed_2d, relative_pos_embed
 from simscale.model.sync_batchnorm import TokenBatchNorm
 
@@ -65,10 +65,11 @@ class Predictor(nn.Module):
         self.blocks = decoder_blocks(m, m.predictor_depth)
         self.head = nn.Linear(m.decoder_dim, out_dim)
 
-    def forward(self, z: Tensor, mask: Tensor, geometry: Tensor) -> Tensor:
-        """z [B, 1+V, D] projected tokens, mask [B, G*G], geometry [B, 6] -> [B, G*G, out_dim]."""
+    def forward(self, z: Tensor, ids_keep: Tensor, geometry: Tensor) -> Tensor:
+        """z [B, 1+V, D] projected tokens, ids_keep [B, V] their A positions, geometry [B, 6]
+        -> predictions [B, G*G, out_dim] in view-B raster order."""
         b = z.shape[0]
-        pe = keep_visible(self.pos_embed.expand(b, -1, -1), mask).to(z.dtype)
+        pe = gather_tokens(self.pos_embed.expand(b, -1, -1), ids_keep).to(z.dtype)
         rel = relative_pos_embed(geometry, self.dim, self.grid).to(z.dtype)
         queries = self.mask_token.to(z.dtype) + self.rel_proj(rel)
         n = queries.shape[1]

@@ -19,14 +19,27 @@ from simscale.config import ModelConfig
 from simscale.model.pos_embed import abs_pos_embed_2d
 
 
-def keep_visible(x: Tensor, mask: Tensor) -> Tensor:
-    """x [B, L, C], mask bool [B, L] (True = masked, same count per row) -> [B, V, C]."""
-    b, _, c = x.shape
+def visible_indices(mask: Tensor) -> Tensor:
+    """mask bool [B, L] (True = masked, the same count in every row) -> kept indices [B, V].
+
+    Ascending (raster) order. One host sync (V from the first row); the equal-count check is
+    asynchronous on accelerators. Gathering by index avoids boolean indexing's syncs.
+    """
     keep = ~mask
-    counts = keep.sum(1)
-    if counts.numel() and not bool((counts == counts[0]).all()):
-        raise ValueError("every row of the mask must hide the same number of patches")
-    return x[keep].reshape(b, -1, c)
+    num_visible = int(keep[0].sum())
+    same = (keep.sum(1) == num_visible).all()
+    if mask.device.type == "cpu":
+        if not bool(same):
+            raise ValueError("every row of the mask must hide the same number of patches")
+    else:
+        torch._assert_async(same, "every row of the mask must hide the same number of patches")
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # visible first, raster order
+    return order[:, :num_visible]
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """x [B, L, C], ids [B, V] -> x[b, ids[b]]: [B, V, C]."""
+    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class Encoder(nn.Module):
@@ -50,12 +63,13 @@ class Encoder(nn.Module):
         self.norm = LayerNorm(m.embed_dim) if m.final_norm else nn.Identity()
         self.grad_checkpointing = m.grad_checkpointing
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
-        """images [B, 3, H, W], mask bool [B, G*G] or None -> tokens [B, 1+V, C] (cls first)."""
+    def forward(self, images: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        """images [B, 3, H, W], ids_keep [B, V] (`visible_indices(mask)`) or None for all patches
+        -> tokens [B, 1+V, C] (cls first)."""
         x = self.patch_embed(images)
         x = x + self.pos_embed[:, 1:].to(x.dtype)
-        if mask is not None:
-            x = keep_visible(x, mask)
+        if ids_keep is not None:
+            x = gather_tokens(x, ids_keep)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)  # zero PE
         x = torch.cat([cls, x], dim=1)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from simscale.config import Config, ModelConfig
 from simscale.loss import unigrad_loss
 from simscale.model.decoder import Predictor, Projector
-from simscale.model.encoder import Encoder
+from simscale.model.encoder import Encoder, visible_indices
 
 
 class Branch(nn.Module):
@@ -38,8 +38,8 @@ class Branch(nn.Module):
         self.encoder = Encoder(m)
         self.projector = Projector(m)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.projector(self.encoder(images, mask))
+    def forward(self, images: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        return self.projector(self.encoder(images, ids_keep))
 
 
 def build_branch(m: ModelConfig) -> Branch:
@@ -128,8 +128,9 @@ class SIM(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, view_a: Tensor, view_b: Tensor, geometry: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        z = self.online(view_a, mask)
-        pred = self.predictor(z, mask, geometry)
+        ids_keep = visible_indices(mask)
+        z = self.online(view_a, ids_keep)
+        pred = self.predictor(z, ids_keep, geometry)
         with torch.no_grad():
             if self.target is None:
                 target = pixel_target(view_b, self.cfg.model.patch_size)

@@ -228,3 +228,49 @@ def test_parameters_are_only_read_inside_their_own_module_forward():
     with checker:
         model.online.encoder.cls_token * 2
     assert "online.encoder.cls_token" in checker.violations
+
+
+def test_visible_indices_keep_raster_order_of_unmasked_patches():
+    from simscale.model.encoder import visible_indices
+
+    cfg = tiny()
+    mask = batch(cfg)[3]
+    ids = visible_indices(mask)
+    for row in range(mask.shape[0]):
+        assert ids[row].tolist() == (~mask[row]).nonzero().flatten().tolist()
+
+
+def test_masked_encoder_sees_only_visible_patches():
+    """Changing masked pixels of view A must not change the predictions."""
+    cfg = tiny()
+    model = SIM(cfg).eval()
+    a, v, geometry, mask = batch(cfg)
+    out1 = model(a, v, geometry, mask)["pred"]
+    a2 = a.clone()
+    grid, p = 4, cfg.model.patch_size
+    for b in range(a.shape[0]):
+        for idx in mask[b].nonzero().flatten().tolist():
+            r, c = divmod(idx, grid)
+            a2[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p] = torch.randn(3, p, p)
+    torch.testing.assert_close(model(a2, v, geometry, mask)["pred"], out1)
+    a2[0, :, :p, :p] += 1.0  # a visible patch (the first one, unless masked) does change them
+    if not mask[0, 0]:
+        assert not torch.allclose(model(a2, v, geometry, mask)["pred"], out1)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16_weights"])
+def test_bf16_runs_and_loss_is_float32(mode):
+    cfg = tiny()
+    model = SIM(cfg)
+    a, v, geometry, mask = batch(cfg, b=2)
+    if mode == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(a, v, geometry, mask)
+            loss, _ = model.loss(out)
+        assert out["pred"].dtype == torch.bfloat16
+    else:  # what a bf16 DeepSpeed engine does: weights and images in bf16, geometry in fp32
+        model = model.to(torch.bfloat16)
+        out = model(a.bfloat16(), v.bfloat16(), geometry, mask)
+        loss, _ = model.loss(out)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
