@@ -79,10 +79,18 @@ def input_config(model: nn.Module) -> tuple[int, tuple, tuple]:
     return int(size), IMAGENET_MEAN, IMAGENET_STD
 
 
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def _every_shard(urls):
+    return urls
+
+
 def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
     resize = int(math.floor(img_size * 256 / 224 + 0.5))
     return transforms.Compose([
-        transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.Lambda(_to_rgb),
         transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
@@ -90,34 +98,37 @@ def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> trans
     ])
 
 
-def _image_and_label(transform):
-    def apply(sample: dict):
+class _ImageAndLabel:
+    """sample dict -> (image tensor, label); a class, not a closure, so workers can pickle it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample: dict):
         image = sample.get("jpg", sample.get("jpeg", sample.get("png")))
         label = sample.get("cls")
         # Unlabelled or imageless samples are flagged (-1) rather than raised here: an error
         # inside a DataLoader worker would reach the user as a multi-line traceback.
         if image is None or label is None:
             return torch.zeros(3, 1, 1), -1
-        return transform(image), int(label)
-    return apply
+        return self.transform(image), int(label)
+
+
+def _collate(items):
+    if any(y < 0 for _, y in items):
+        return None, torch.tensor([-1])
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
-    # Every process reads every shard (evaluation is not split across ranks); in order.
+    # Every process reads every shard, in order: evaluation is not split across ranks.
     dataset = (
-        wds.WebDataset(shards.urls, shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False)
+        wds.WebDataset(shards.urls, shardshuffle=False, nodesplitter=_every_shard, empty_check=False)
         .decode("pil")
-        .map(_image_and_label(transform))
+        .map(_ImageAndLabel(transform))
     )
-    workers = min(workers, len(shards.urls))
-
-    def collate(items):
-        bad = [y for _, y in items if y < 0]
-        if bad:
-            return None, torch.tensor([-1])
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(shards.urls)),
+                                       collate_fn=_collate)
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
