@@ -4,3 +4,29 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_IMAGES = Path(__file__).parent / "data" / "images.py"
+
+
+def load_images_module():
+    """tests/data/images.py (real photographs from installed packages), importable from any test."""
+    spec = importlib.util.spec_from_file_location("simscale_test_images", _IMAGES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    """Real JPEG shards (36 photos in 3 classes, 4 shards) made by `simscale prepare`, shared by tests."""
+    from simscale.data.prepare import Options, prepare
+
+    root = tmp_path_factory.mktemp("train_data")
+    load_images_module().class_folders(root / "src", per_class=12)
+    prepare([str(root / "src")], root / "shards", Options(shard_size=10, max_side=96), workers=1, progress=False)
+    return root / "shards"

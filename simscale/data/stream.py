@@ -244,7 +244,11 @@ class TwoViewStream:
                             f"{self.batches_per_epoch} batches: the checkpoint's data position "
                             "does not match this data set")
         dataset = _EpochBatches(self.plan, epoch, skip, self.num_workers)
+        # A generator of its own: creating a DataLoader iterator otherwise draws a seed from the
+        # global torch RNG, so a resumed run (a new iterator mid-epoch) would shift drop-path
+        # randomness. All sample randomness comes from (seed, epoch, index) anyway.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=4 if self.num_workers else None)
+                            prefetch_factor=4 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(epoch))
         yield from loader

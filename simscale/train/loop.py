@@ -57,7 +57,8 @@ def param_groups(model) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices only (no decay on biases and 1-D params)."""
     decay, no_decay = [], []
     for p in model.online_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params look 1-D (empty)
+        (no_decay if len(shape) <= 1 else decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
@@ -96,8 +97,10 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.deepspeed.precision == "bf16" else torch.float32
         self.dtype = dtype
         if self.cfg.deepspeed.zero_stage == 3:
-            # Build straight into partitions: ViT-H/g never exist whole on one rank.
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=dtype):
+            # Build straight into partitions: ViT-H/g never exist whole on one rank. No `dtype=`:
+            # DeepSpeed 0.19.8 ignores it on accelerators without fp16 (CPU) and picks bf16; the
+            # config's bf16 flag is read correctly.
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
                 model = SIM(self.cfg)
         else:
             model = SIM(self.cfg)
@@ -212,10 +215,12 @@ class Trainer:
                     self.sink.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
                                     f"({s.nonfinite_streak} in a row, {s.skipped} in all)[/yellow]")
                     if s.nonfinite_streak >= cfg.run.max_nonfinite_streak:
+                        saved = self.ckpt.complete_tags()
+                        where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
                         raise SimscaleError(
                             f"{s.nonfinite_streak} steps in a row had a non-finite loss or gradient "
-                            f"(run.max_nonfinite_streak={cfg.run.max_nonfinite_streak}); the last good "
-                            f"checkpoint is in {self.ckpt.root}: lower optim.base_lr or check the data"
+                            f"(run.max_nonfinite_streak={cfg.run.max_nonfinite_streak}; skipped steps changed "
+                            f"no weights); {where}: lower optim.base_lr or check the data"
                         )
                 if step % cfg.log.every == 0 or s.step == total:
                     achieved = self.flops_per_sample * global_batch / dt / self.info.world_size
