@@ -13,6 +13,8 @@ The blur kernel is odd, about 10% of the image side (23 at 224 px), with reflect
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,94 +53,168 @@ def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Batched ops on float [n, 3, H, W] in [0, 1]; factors are [n].
+# Batched ops on float [n, 3, H, W] in [0, 1], in place where possible; factors are [n].
+# Few full-tensor passes matter: on a CPU these ops are memory-bound.
 
 def _gray(x: torch.Tensor) -> torch.Tensor:  # ITU-R 601-2 luma, as PIL's "L" and torchvision
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    f = f.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp(0, 1)
+def _per_image(f, dims: int = 4):
+    """A factor as a python float (one image, no tiny-tensor overhead) or a broadcastable [n]."""
+    return f if isinstance(f, float) else f.view(-1, *([1] * (dims - 1)))
 
 
-def _brightness(x, f):
-    return _blend(x, torch.zeros_like(x), f)
+def _brightness(x, f):  # blend with black
+    return x.mul_(_per_image(f)).clamp_(0, 1)
 
 
-def _contrast(x, f):
-    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+def _contrast(x, f):  # blend with the mean grey level
+    f = _per_image(f)
+    m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return x.mul_(f).add_((1 - f) * m).clamp_(0, 1)
 
 
-def _saturation(x, f):
-    return _blend(x, _gray(x), f)
+def _saturation(x, f):  # blend with the grey image
+    f = _per_image(f)
+    g = _gray(x).mul_(1 - f)  # before x changes in place
+    return x.mul_(f).add_(g).clamp_(0, 1)
 
 
 def _hue(x, f):
-    """Rotate the hue by f (in turns): RGB -> HSV, shift, HSV -> RGB."""
+    """Rotate the hue by f turns through HSV. Works in sixths of a turn: with c = max - min,
+    channel n of the result is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6, so
+    saturation never needs to be formed and grey pixels (c = 0) come back unchanged.
+    Masks are multiplied in rather than selected with torch.where (10x slower on CPU)."""
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    v, _ = x.max(dim=1)
-    c = v - x.min(dim=1).values
-    s = torch.where(v > 0, c / v.clamp_min(1e-12), torch.zeros_like(v))
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, ((g - b) / safe_c) % 6,
-                    torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    h = (h + f.view(-1, 1, 1)) % 1.0
-    # HSV -> RGB: channel n gets v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6.
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = (n + 6 * h.unsqueeze(1)) % 6
-    return (v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)).clamp(0, 1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    c = v - torch.minimum(torch.minimum(r, g), b)
+    inv = c.clamp_min(1e-12).reciprocal_()  # c = 0 -> numerators are 0 too
+    is_r = (v == r).to(x.dtype)
+    is_g = (v == g).to(x.dtype).mul_(1 - is_r)
+    is_b = 1 - is_r - is_g
+    hue6 = (g - b).mul_(inv).mul_(is_r)
+    hue6.add_((b - r).mul_(inv).add_(2).mul_(is_g)).add_((r - g).mul_(inv).add_(4).mul_(is_b))
+    hue6.add_(6 * _per_image(f, 3))
+    out = torch.empty_like(x)
+    for ch, n in enumerate((5.0, 3.0, 1.0)):
+        k = torch.remainder(hue6 + n, 6.0)
+        torch.minimum(k, 4 - k, out=k)
+        out[:, ch] = torch.addcmul(v, c, k.clamp_(0, 1), value=-1)
+    return out
 
 
 def blur_kernel_size(side: int) -> int:
     return max(3, int(0.1 * side) | 1)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _gauss_weights(sigma, k: int, x: torch.Tensor):
+    t = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    if isinstance(sigma, float):  # one image: python floats for add_(alpha=...)
+        w = torch.exp(-0.5 * (t / sigma) ** 2)
+        return (w / w.sum()).tolist()
+    w = torch.exp(-0.5 * (t.to(x.device).view(1, -1) / sigma.double().view(-1, 1)) ** 2)
+    return (w / w.sum(dim=1, keepdim=True)).to(x.dtype)  # [n, k]
+
+
+def _blur(x: torch.Tensor, sigma) -> torch.Tensor:
+    """Separable Gaussian, reflect padding, as a sum of shifted slices per axis (faster than a
+    grouped conv on CPU, and per-image sigmas come free). Taps beyond 5 sigma (mass < 1e-6)
+    are left out: the result equals the full blur_kernel_size() kernel within 1e-6."""
     n, c, hgt, wid = x.shape
-    k = blur_kernel_size(min(hgt, wid))
-    t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
-    w = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    w = (w / w.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n*c, k]
-    y = F.pad(x.reshape(1, n * c, hgt, wid), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
-    y = F.conv2d(y, w.view(n * c, 1, 1, k), groups=n * c)  # separable: rows, then columns
-    y = F.conv2d(y, w.view(n * c, 1, k, 1), groups=n * c)
-    return y.view(n, c, hgt, wid)
+    top = float(sigma) if isinstance(sigma, float) else float(sigma.max())
+    k = min(blur_kernel_size(min(hgt, wid)), 2 * math.ceil(5 * top) + 1)
+    w = _gauss_weights(sigma, k, x)
+    pad = k // 2
+    y = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    rows = torch.zeros(n, c, hgt + 2 * pad, wid, device=x.device, dtype=x.dtype)
+    out = torch.zeros_like(x)
+    for i in range(k):
+        if isinstance(w, list):
+            rows.add_(y[..., i:i + wid], alpha=w[i])
+        else:
+            rows.addcmul_(y[..., i:i + wid], w[:, i].view(-1, 1, 1, 1))
+    for i in range(k):
+        if isinstance(w, list):
+            out.add_(rows[:, :, i:i + hgt], alpha=w[i])
+        else:
+            out.addcmul_(rows[:, :, i:i + hgt], w[:, i].view(-1, 1, 1, 1))
+    return out
+
+
+def _solarize(x):  # invert pixels >= 128/255: x + [x >= t] * (1 - 2x)
+    return torch.addcmul(x, (x >= 128 / 255).to(x.dtype), 1 - 2 * x)
+
+
+def _grayscale(x):
+    return _gray(x).expand(-1, 3, -1, -1).contiguous()
 
 
 _JITTER_OPS = ((_brightness, BRIGHT), (_contrast, CONTRAST), (_saturation, SAT), (_hue, HUE))
 
 
 def _apply_subset(x, sel, fn, *args):
+    if bool(sel.all()):  # the common case with small CPU chunks: no gather/scatter copies
+        return fn(x, *args)
     idx = sel.nonzero().squeeze(1)
     if idx.numel():
         x[idx] = fn(x[idx], *(a[idx] for a in args))
     return x
 
 
-def apply_photometric(images: torch.Tensor, params: torch.Tensor, view: str = "a",
-                      normalize: bool = True) -> torch.Tensor:
-    """uint8 [B, 3, H, W] + params [B, K] -> float32 [B, 3, H, W] (normalised by default).
-
-    The view's probabilities are already in the drawn flags; `view` is checked, not used.
-    """
-    if view not in RECIPE:
-        raise ValueError(f"view must be 'a' or 'b', got {view!r}")
-    x = images.float().div_(255.0)
-    p = params.to(device=x.device, dtype=torch.float32)
+def _apply_chunk(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     on = p[:, JITTER] > 0.5
     if bool(on.any()):
         order = p[:, ORDER:ORDER + 4].round().long()
         for slot in range(4):  # the t-th op of each image is op order[t]
             for op, (fn, col) in enumerate(_JITTER_OPS):
-                x = _apply_subset(x, on & (order[:, slot] == op), fn, p[:, col])
-    gray = p[:, GRAY] > 0.5
-    x = _apply_subset(x, gray, lambda y: _gray(y).expand(-1, 3, -1, -1))
-    x = _apply_subset(x, p[:, BLUR] > 0.5, _blur, p[:, SIGMA])
-    x = _apply_subset(x, p[:, SOLAR] > 0.5, lambda y: torch.where(y >= 128 / 255, 1 - y, y))
-    if normalize:
-        mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
+                sel = on & (order[:, slot] == op)
+                if bool(sel.any()):
+                    x = _apply_subset(x, sel, fn, p[:, col])
+    for flag, fn, args in ((GRAY, _grayscale, ()), (BLUR, _blur, (p[:, SIGMA],)),
+                           (SOLAR, _solarize, ())):
+        sel = p[:, flag] > 0.5
+        if bool(sel.any()):
+            x = _apply_subset(x, sel, fn, *args)
     return x
+
+
+def _apply_one(x: torch.Tensor, p: list[float]) -> torch.Tensor:
+    """The same ops for one image with its parameters as python floats (the CPU path)."""
+    if p[JITTER] > 0.5:
+        for op in p[ORDER:ORDER + 4]:
+            fn, col = _JITTER_OPS[int(round(op))]
+            x = fn(x, p[col])
+    if p[GRAY] > 0.5:
+        x = _grayscale(x)
+    if p[BLUR] > 0.5:
+        x = _blur(x, p[SIGMA])
+    if p[SOLAR] > 0.5:
+        x = _solarize(x)
+    return x
+
+
+def apply_photometric(images: torch.Tensor, params: torch.Tensor, view: str = "a",
+                      normalize: bool = True, chunk: int | None = None) -> torch.Tensor:
+    """uint8 [B, 3, H, W] + params [B, K] -> float32 [B, 3, H, W] (normalised by default).
+
+    The view's probabilities are already in the drawn flags; `view` is checked, not used.
+    `chunk`: images processed together; default the whole batch on an accelerator and 1 on a
+    CPU, where one 224 px image stays in cache through all ops (about 3x faster there).
+    """
+    if view not in RECIPE:
+        raise ValueError(f"view must be 'a' or 'b', got {view!r}")
+    if chunk is None:
+        chunk = 1 if images.device.type == "cpu" else images.shape[0]
+    p = params.to(device=images.device, dtype=torch.float32)
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    inv_std = 1 / torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    rows = params.tolist() if chunk == 1 else None
+    for s in range(0, images.shape[0], max(1, chunk)):
+        x = images[s:s + chunk].float().div_(255.0)
+        x = _apply_one(x, rows[s]) if chunk == 1 else _apply_chunk(x, p[s:s + chunk])
+        if normalize:
+            x = x.sub_(mean).mul_(inv_std)
+        out[s:s + chunk] = x
+    return out

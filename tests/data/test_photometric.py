@@ -35,7 +35,8 @@ def reference(img_u8, p):
 
 
 @pytest.mark.parametrize("view", ["a", "b"])
-def test_batched_equals_per_image_torchvision(view):
+@pytest.mark.parametrize("chunk", [1, 5, 24])  # 1: the CPU path; larger: the accelerator path
+def test_batched_equals_per_image_torchvision(view, chunk):
     n = 24
     x = real_batch(n)
     rng = np.random.default_rng(7)
@@ -47,7 +48,7 @@ def test_batched_equals_per_image_torchvision(view):
     if view == "b":
         params[12:16, ph.SOLAR] = 1
     p = torch.from_numpy(params)
-    out = apply_photometric(x, p, view=view)
+    out = apply_photometric(x, p, view=view, chunk=chunk)
     assert out.dtype == torch.float32 and out.shape == x.shape
     for i in range(n):
         ref = reference(x[i], p[i])
