@@ -149,3 +149,20 @@ def test_exact_mode_without_counts_is_a_clear_error(shards, tmp_path):
     assert resolve_shards(str(tmp_path)).counts is None
     with pytest.raises(DataError, match="global batch"):
         TwoViewStream(cfg_for(shards, batch=64))
+
+
+def test_fewer_shards_than_slots_still_covers_each_sample_once(shards, tmp_path):
+    # One shard, 2 ranks x 2 workers = 4 slots: each slot skips to its own range of that shard.
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p} {k}\n" for k, p in enumerate(sorted((shards.parent / "img").glob("*.jpg")))))
+    prepare([str(lst)], tmp_path / "one", Options(shard_size=1000), workers=1, progress=False)
+    assert len(resolve_shards(str(tmp_path / "one")).urls) == 1
+    seen, counts = [], []
+    for rank in range(2):
+        batches = collect(TwoViewStream(cfg_for(tmp_path / "one", workers=2, batch=3), rank=rank,
+                                        world_size=2), 0)
+        counts.append(len(batches))
+        seen += [int(i) for b in batches for i in b["label"]]
+    assert counts == [N // 6] * 2
+    assert len(seen) == len(set(seen)) == (N // 6) * 6
+    assert set(seen) == set(range((N // 6) * 6))  # one shard: the dropped remainder is its tail
