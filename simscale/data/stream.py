@@ -15,7 +15,9 @@ Exact-epoch mode ("epoch"), the default:
   with a permutation from (seed, epoch, chunk start): a shuffle buffer that can be replayed.
 Resampled mode ("resampled"): each slot draws shards with replacement (wds.ResampledShards,
 seeded from (seed, epoch, rank, slot)); an epoch is data.samples_per_epoch samples (default:
-the manifest total) and ends after batches_per_epoch batches on every rank.
+the manifest total) and ends after batches_per_epoch batches on every rank (the role of
+webdataset's with_epoch, counted here per slot so that resume can replay it). `index` is then
+a unique per-epoch id (slot base + position in the slot's stream), not a manifest position.
 
 Per-sample randomness (flips, boxes, mask, photometric parameters) comes from a generator
 seeded with (seed, epoch, index), `index` being the sample's position in the epoch's global
@@ -131,7 +133,12 @@ class _Plan:
         if data is None:
             raise DataError(f"sample '{sample.get('__key__')}' in '{sample.get('__url__', '?')}' "
                             "has no .jpg: shards must come from `simscale prepare`")
-        view_a, view_b, geometry = self.crop(data, crop_rng)
+        try:
+            view_a, view_b, geometry = self.crop(data, crop_rng)
+        except Exception as exc:  # noqa: BLE001 - name the sample, not a decoder internals trace
+            raise DataError(f"sample '{sample.get('__key__')}' in '{sample.get('__url__', '?')}' "
+                            f"cannot be decoded ({type(exc).__name__}): rebuild the shards with "
+                            "`simscale prepare`, which skips bad images") from None
         mask = block_mask(mask_rng, self.grid, self.mask_ratio, self.min_block, self.min_aspect)
         cls = sample.get("cls")
         return {"view_a": view_a, "view_b": view_b, "geometry": geometry, "mask": mask,

@@ -40,6 +40,12 @@ def variant(k: int, size: tuple[int, int] = (500, 375)) -> Image.Image:
     return out
 
 
+def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def write_jpeg(path: Path, im: Image.Image, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, "JPEG", quality=90, **kw)

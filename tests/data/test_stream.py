@@ -166,3 +166,18 @@ def test_fewer_shards_than_slots_still_covers_each_sample_once(shards, tmp_path)
     assert counts == [N // 6] * 2
     assert len(seen) == len(set(seen)) == (N // 6) * 6
     assert set(seen) == set(range((N // 6) * 6))  # one shard: the dropped remainder is its tail
+
+
+def test_undecodable_sample_is_a_data_error_naming_it(tmp_path):
+    import io
+    import tarfile
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tf:
+        for k in range(4):
+            data = b"not a jpeg" if k == 2 else images.jpeg_bytes(images.variant(k, (64, 48)))
+            info = tarfile.TarInfo(f"{k:09d}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    from simscale.data.shards import write_manifest
+    write_manifest(tmp_path, [{"name": "shard-000000.tar", "samples": 4, "bytes": 0, "sha256": ""}], None)
+    with pytest.raises(DataError, match="000000002"):
+        collect(TwoViewStream(cfg_for(tmp_path, batch=4, shuffle_buffer=4)), 0)
