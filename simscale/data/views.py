@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
