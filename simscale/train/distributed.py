@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -63,6 +64,8 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU)."""
     import deepspeed
 
+    # DeepSpeed calls torch's old collective names on every step; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     rank, world, local = _env_from_launchers()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
