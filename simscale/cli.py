@@ -70,6 +70,8 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--encoder", choices=("online", "target"), default="online")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--init", action="store_true",
+                   help="write a freshly initialised encoder of the run's architecture and seed (a baseline)")
     p.set_defaults(module="simscale.export", issue=6)
 
 

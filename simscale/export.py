@@ -73,14 +73,28 @@ def to_timm_state_dict(cfg: Config, enc: dict[str, torch.Tensor]) -> dict[str, t
     return sd
 
 
-def export(run_dir: str | Path, out: str | Path, encoder: str = "online", step: int | None = None) -> Path:
-    import timm
-    from timm.models import save_for_hf
+def init_encoder_state_dict(cfg: Config) -> dict[str, torch.Tensor]:
+    """A fresh encoder with the run's init scheme and seed: the random-init baseline for probes."""
+    from simscale.model.sim import SIM
 
+    torch.manual_seed(cfg.run.seed)
+    return {k: v.float() for k, v in SIM(cfg).online.encoder.state_dict().items()}
+
+
+def export(run_dir: str | Path, out: str | Path, encoder: str = "online", step: int | None = None,
+           init: bool = False) -> Path:
+    """Write the chosen encoder of a run (or, with init=True, a fresh random one) for timm."""
     run_dir, out = Path(run_dir), Path(out)
     tag_dir = _pick_checkpoint(run_dir, step)
     cfg = from_dict(read_meta(tag_dir)["config"])
-    sd = to_timm_state_dict(cfg, encoder_state_dict(tag_dir, encoder))
+    enc = init_encoder_state_dict(cfg) if init else encoder_state_dict(tag_dir, encoder)
+    return write_timm(cfg, to_timm_state_dict(cfg, enc), out, tag="init" if init else encoder)
+
+
+def write_timm(cfg: Config, sd: dict[str, torch.Tensor], out: Path, tag: str) -> Path:
+    import timm
+    from timm.models import save_for_hf
+
     args = timm_model_args(cfg)
     model = timm.create_model(cfg.model.arch, pretrained=False, **args)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -89,7 +103,7 @@ def export(run_dir: str | Path, out: str | Path, encoder: str = "online", step: 
                             f"unexpected {unexpected[:3]} (a bug: please report it)")
     out.mkdir(parents=True, exist_ok=True)
     # Our preprocessing, not the one of timm's default weights for this architecture name.
-    pcfg = {"tag": f"simscale_sim_{encoder}", "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
+    pcfg = {"tag": f"simscale_sim_{tag}", "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
             "crop_pct": 0.875, "crop_mode": "center", "license": None}
     save_for_hf(model, str(out), model_config={"pretrained_cfg": pcfg}, model_args=args, safe_serialization=True)
     # Prove it: timm must load what we wrote, strictly, from the directory alone.
@@ -103,7 +117,8 @@ def export(run_dir: str | Path, out: str | Path, encoder: str = "online", step: 
 def cli_main(args) -> int:
     from rich.console import Console
 
-    out = export(args.run_dir, args.out, args.encoder, args.step)
-    Console().print(f"wrote {out}/model.safetensors + config.json ({args.encoder} encoder); load with "
+    out = export(args.run_dir, args.out, args.encoder, args.step, init=args.init)
+    what = "random-init encoder (the run's init scheme and seed)" if args.init else f"{args.encoder} encoder"
+    Console().print(f"wrote {out}/model.safetensors + config.json ({what}); load with "
                     f"timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
