@@ -104,6 +104,9 @@ def build_parser() -> RichParser:
     from simscale import __version__
 
     parser.add_argument("--version", action="version", version=f"simscale {__version__}")
+    # `deepspeed --module simscale train` puts --local_rank=N before the subcommand; the rank
+    # comes from the environment (LOCAL_RANK) anyway, so accept and ignore it here.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=RichParser)
     for add in (_add_prepare, _add_train, _add_export, _add_eval, _add_info):
         add(sub)

@@ -29,3 +29,8 @@ def test_bad_override_is_one_line_and_exit_2():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "optim.batch_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_deepspeed_launcher_local_rank_before_the_subcommand_is_accepted():
+    args = build_parser().parse_args(["--local_rank=1", "train", "--preset", "tiny", "run.dir=x"])
+    assert args.command == "train" and args.overrides == ["run.dir=x"]

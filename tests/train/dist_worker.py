@@ -109,6 +109,10 @@ if __name__ == "__main__":
     for stage in (2, 3):
         results[f"ema_z{stage}"] = ema_check(shards, out, stage)
     results["nan"] = nan_check(shards, out)
+    accum = make(shards, out, "accum", "optim.grad_accum=2", "optim.max_steps=2")
+    state = accum.fit()
+    results["accum"] = {"losses": state.losses, "micro_in_epoch": state.micro_in_epoch,
+                        "global_steps": accum.engine.global_steps}
     # bf16 last: CPU_NOTES says bf16 numbers shift once a ZeRO-3 engine existed; these only smoke-test.
     for stage in (1, 2, 3):
         results[f"smoke_z{stage}_bf16"] = smoke(shards, out, stage, "bf16")

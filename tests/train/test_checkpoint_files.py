@@ -55,3 +55,13 @@ def test_incompatible_model_is_refused_with_the_key():
     with pytest.raises(CheckpointError, match="model.embed_dim=64"):
         check_compatible(old, new, "ck")
     check_compatible(old, old, "ck")
+
+
+def test_keep_last_prunes_old_and_dead_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        make_tag(tmp_path, step)
+    make_tag(tmp_path, 5, complete=False)  # dead leftover older than the newest complete one
+    make_tag(tmp_path, 6)
+    ck = Checkpointer(tmp_path, rank=0, world_size=2, keep_last=2)
+    ck._prune()
+    assert [p.name for p in ck.tags()] == [tag_for(4), tag_for(6)]

@@ -76,3 +76,8 @@ def test_nan_step_is_skipped_and_training_goes_on(results):
 def test_nonfinite_streak_stops_the_run_with_a_message(results):
     msg = results[0]["nan"]["streak_error"]
     assert "non-finite" in msg and "max_nonfinite_streak" in msg
+
+
+def test_gradient_accumulation_steps_once_per_accum_micro_batches(results):
+    a = results[0]["accum"]
+    assert len(a["losses"]) == 2 and a["micro_in_epoch"] == 4 and a["global_steps"] == 2
