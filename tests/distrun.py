@@ -18,6 +18,8 @@ def free_port() -> int:
 
 def cpu_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    # The venv's console scripts (deepspeed) must be found even when the venv is not activated.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SIMSCALE_NO_PROGRESS="1", COLUMNS="1000",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     env.update(extra)
