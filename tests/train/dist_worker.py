@@ -106,6 +106,9 @@ if __name__ == "__main__":
     results = {"rank": INFO.rank}
     for stage in (1, 2, 3):
         results[f"smoke_z{stage}_fp32"] = smoke(shards, out, stage, "fp32")
+    ckpt = make(shards, out, "z3_ckpt", "deepspeed.zero_stage=3", "optim.max_steps=2",
+                "model.grad_checkpointing=true")
+    results["z3_ckpt"] = {"losses": ckpt.fit().losses}
     for stage in (2, 3):
         results[f"ema_z{stage}"] = ema_check(shards, out, stage)
     results["nan"] = nan_check(shards, out)

@@ -81,3 +81,7 @@ def test_nonfinite_streak_stops_the_run_with_a_message(results):
 def test_gradient_accumulation_steps_once_per_accum_micro_batches(results):
     a = results[0]["accum"]
     assert len(a["losses"]) == 2 and a["micro_in_epoch"] == 4 and a["global_steps"] == 2
+
+
+def test_activation_checkpointing_under_zero3_gives_the_same_losses(results):
+    assert results[0]["z3_ckpt"]["losses"] == pytest.approx(results[0]["smoke_z3_fp32"]["losses"], rel=1e-6)
