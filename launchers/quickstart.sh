@@ -8,14 +8,14 @@
 #   bash .ci/setup && bash launchers/quickstart.sh          (from the repository root)
 #
 # Variables (environment): WORK (default quickstart/), PER_CLASS (train images per class,
-# default 300), VAL_PER_CLASS (default 100), STEPS (optimizer steps, default 300), BATCH (per
+# default 300), VAL_PER_CLASS (default 100), STEPS (optimizer steps, default 900), BATCH (per
 # rank, default 64), NPROC (default 2), PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=${WORK:-quickstart}
 PER_CLASS=${PER_CLASS:-300}
 VAL_PER_CLASS=${VAL_PER_CLASS:-100}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-900}
 BATCH=${BATCH:-64}
 NPROC=${NPROC:-2}
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -37,7 +37,7 @@ say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed lau
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
     bash launchers/single_node.sh "data.train=$WORK/shards/train" "optim.batch_size=$BATCH" \
-    "optim.max_steps=$STEPS" "optim.warmup_steps=$(( STEPS / 10 ))" optim.base_lr=1e-3 \
+    "optim.max_steps=$STEPS" "optim.warmup_steps=$(( STEPS / 15 ))" optim.base_lr=2e-3 "data.crop_scale=[0.3,1.0]" \
     data.num_workers=1 "run.save_every=$STEPS" log.every=10
 
 say "4/5 simscale export -> timm (model.safetensors + config.json)"
