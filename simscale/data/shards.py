@@ -85,6 +85,9 @@ def resolve_shards(spec: str) -> ShardSet:
     if path.suffix == ".json":
         return read_manifest(path)
     urls = list(braceexpand.braceexpand(spec))
+    if len(urls) == 1 and not path.exists():
+        raise DataError(f"shards '{spec}' not found: pass a `simscale prepare` output directory, its "
+                        "manifest.json, or a brace pattern like dir/shard-{000000..000009}.tar")
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise DataError(f"shard '{missing[0]}' not found ({len(missing)} of {len(urls)} missing): "
