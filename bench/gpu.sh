@@ -39,6 +39,7 @@ else
   BATCHES=${BATCHES:-"8 16"}; CKPTS=${CKPTS:-"1 0"}; STEPS=${STEPS:-3}
 fi
 PY=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # simscale importable even if the editable install fails
 JSONL="$OUT/gpu_bench.jsonl"
 
 run() {  # echo, and run unless --dry-run
