@@ -50,8 +50,10 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict[str, Any
         "params": {
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay,
-            # FusedAdam needs a ~100 s JIT compile and a GPU; torch's AdamW is what CPU runs get.
-            **({"torch_adam": True} if on_cpu else {}),
+            # torch's own AdamW with its fused kernel (CPU and CUDA): DeepSpeed's FusedAdam needs an
+            # nvcc JIT build (~100 s, fails without a CUDA toolkit), and torch's default per-tensor
+            # path made the CPU step 6x slower (bench/RESULTS.md, trainer overhead).
+            "torch_adam": True, "fused": True,
         },
     }
     zero = ds.setdefault("zero_optimization", {})
@@ -75,7 +77,7 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict[str, Any
             if key == "nvme":
                 entry["nvme_path"] = d.nvme_path
             zero[kind] = entry
-    if d.offload_optimizer != "none" and on_cpu:
-        # DeepSpeedCPUAdam is a compiled op; on CPU-only machines torch's AdamW does the same job.
+    if d.offload_optimizer != "none":
+        # DeepSpeedCPUAdam is a compiled op; torch's fused AdamW runs on the offloaded CPU state.
         ds["zero_force_ds_cpu_optimizer"] = False
     return ds

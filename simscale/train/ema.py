@@ -58,9 +58,18 @@ class ShardedEMA:
                 raise ValueError(f"EMA pair '{name}' has mismatched shapes")
         self.sources = [_fp32_source(o) for o in self.online]
         self.zero3 = bool(self.target) and _is_zero3(self.target[0])
-        # Targets start as exact copies of the online weights (slice by slice under ZeRO-3).
+        # Targets start as exact copies of the online weights (slice by slice under ZeRO-3). When
+        # the target itself is stored in fp32, its own storage is the master (no second copy).
+        self.master = []
         with torch.no_grad():
-            self.master = [src().detach().to(torch.float32).clone() for src in self.sources]
+            for src, t in zip(self.sources, self.target):
+                init = src().detach().to(torch.float32)
+                local = local_slice(t)
+                if local.dtype == torch.float32:
+                    local.copy_(init)
+                    self.master.append(local)
+                else:
+                    self.master.append(init.clone())
         self._write_targets()
 
     @torch.no_grad()
@@ -75,7 +84,9 @@ class ShardedEMA:
     @torch.no_grad()
     def _write_targets(self) -> None:
         for t, m in zip(self.target, self.master):
-            local_slice(t).copy_(m)
+            local = local_slice(t)
+            if local.data_ptr() != m.data_ptr():
+                local.copy_(m)
         self._refresh_persistent()
 
     def _refresh_persistent(self) -> None:

@@ -24,8 +24,9 @@ def test_precision_clip_and_optimizer():
     ds = build_ds_config(c, 4, on_cpu=True)
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
-    assert ds["optimizer"]["params"]["torch_adam"] is True
-    assert "torch_adam" not in build_ds_config(c, 4, on_cpu=False)["optimizer"]["params"]
+    for on_cpu in (True, False):  # torch's fused AdamW, never a JIT-compiled FusedAdam
+        params = build_ds_config(c, 4, on_cpu=on_cpu)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["fused"] is True
 
 
 def test_zero3_keeps_no_persistent_params_by_default():
