@@ -38,7 +38,7 @@ class LoopState:
     ema_pending: bool = False  # online weights moved since the last EMA update
     skipped: int = 0
     nonfinite_streak: int = 0
-    losses: list[float] = field(default_factory=list)  # per-step mean loss, for the record
+    losses: list[float] = field(default_factory=list)  # the last 1000 per-step mean losses
 
     def rng(self) -> dict[str, Any]:
         return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -192,6 +192,7 @@ class Trainer:
             s.skipped += 1
             s.nonfinite_streak += 1
         s.losses.append(float(mean_loss))
+        del s.losses[:-1000]  # bounded: metrics.jsonl keeps the full history
         s.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         return {"loss": float(mean_loss), "lr": lr, "weight_decay": wd, "momentum": momentum,
