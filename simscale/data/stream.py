@@ -175,7 +175,7 @@ class _Plan:
 
 
 def collate(samples: list[dict]) -> dict:
-    def stack(key, dtype=None):
+    def stack(key):
         return torch.from_numpy(np.stack([s[key] for s in samples]))
 
     return {
