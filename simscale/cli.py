@@ -44,8 +44,10 @@ def _add_prepare(sub) -> None:
                    help="downscale so the shorter side is <= this (0: keep)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: all cores)")
-    p.add_argument("--shuffle", action="store_true", help="shuffle samples before sharding")
-    p.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                   help="keep the sources' order (default: a seeded shuffle across all shards)")
+    p.add_argument("--shuffle", dest="shuffle", action="store_true", default=True, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
     p.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="refuse images with more pixels (decompression bombs)")
     p.set_defaults(module="simscale.data.prepare", issue=3)
@@ -81,7 +83,14 @@ def _add_eval(sub) -> None:
     for name, helptext in (("knn", "weighted k-NN top-1 (DINO-style)"),
                            ("linear", "logistic-regression probe on frozen features")):
         e = esub.add_parser(name, help=helptext)
-        e.add_argument("--model", required=True, help="exported timm directory (simscale export)")
+        if name == "knn":
+            src = e.add_mutually_exclusive_group(required=True)
+            src.add_argument("--model", help="exported timm directory (simscale export)")
+            src.add_argument("--pixels", action="store_true",
+                             help="the raw-pixel baseline: k-NN on the eval-transformed images themselves")
+            e.add_argument("--img-size", type=int, default=224, help="image side for --pixels (default 224)")
+        else:
+            e.add_argument("--model", required=True, help="exported timm directory (simscale export)")
         e.add_argument("--train", required=True, help="labelled training shards (manifest/dir/pattern)")
         e.add_argument("--val", required=True, help="labelled validation shards")
         e.add_argument("--batch-size", type=int, default=128)

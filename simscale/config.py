@@ -31,6 +31,7 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     final_norm: bool = False  # the SIM release has no final encoder norm
+    freeze_patch_embed: bool = True  # MoCo-v3's trick, as in the release: the patch projection stays at init
     drop_path: float = 0.0
     # Projector (Linear + blocks) and predictor (blocks + Linear), width D and heads of their own.
     decoder_dim: int = 768
@@ -40,6 +41,9 @@ class ModelConfig:
     decoder_norm: str = "bn"  # "bn" (BatchNorm over tokens, synced across ranks) or "ln"
     # "ema": momentum target encoder (the method); "pixel": raw-pixel target ablation.
     target: str = "ema"
+    # The exported representation (timm's global_pool): "token" (the class token; the release) or
+    # "avg" (mean of the patch tokens). The online k-NN monitor uses the same.
+    pool: str = "token"
     grad_checkpointing: bool = False  # activation checkpointing of the online encoder blocks
 
 
@@ -60,6 +64,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_aug: bool = True  # ablation switch: colour jitter/grayscale/blur/solarize off
+    # Gaussian blur sigma in pixels OF A 224 PX VIEW (the recipe's U(0.1, 2)); scaled by
+    # model.img_size / 224 when drawn, so the blur's strength relative to the image is the same
+    # at every resolution.
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     same_view: bool = False  # ablation switch: view B is view A's crop (and flip)
     mask: MaskConfig = field(default_factory=MaskConfig)
 
@@ -117,6 +125,18 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online k-NN monitor: `simscale eval knn` on the live encoders every `every` steps."""
+    every: int = 0  # steps between evaluations (0: off); also once at the end of training
+    train: str = ""  # labelled shards (a `simscale prepare` output of class folders): the k-NN bank
+    val: str = ""  # labelled shards scored against the bank
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256  # images per forward, per rank
+    max_samples: int = 20000  # per split: the decoded images are kept in memory between evaluations
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/sim"
     seed: int = 0
@@ -142,6 +162,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
@@ -346,6 +367,9 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     choice("model.decoder_norm", m.decoder_norm, ("bn", "ln"))
     choice("model.target", m.target, ("ema", "pixel"))
+    choice("model.pool", m.pool, ("token", "avg"))
+    if m.pool == "avg" and m.final_norm:
+        raise ConfigError("model.pool=avg needs model.final_norm=false (timm moves the norm to fc_norm)")
     choice("data.mode", cfg.data.mode, ("epoch", "resampled"))
     choice("deepspeed.precision", cfg.deepspeed.precision, ("bf16", "fp32"))
     choice("deepspeed.offload_optimizer", cfg.deepspeed.offload_optimizer, ("none", "cpu", "nvme"))
@@ -374,6 +398,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.batch_size and optim.grad_accum must be >= 1")
     if not 0.0 <= cfg.ema.momentum <= 1.0 or not 0.0 <= cfg.ema.momentum_end <= 1.0:
         raise ConfigError("ema.momentum and ema.momentum_end must lie in [0, 1]")
+    e = cfg.eval
+    if e.every < 0:
+        raise ConfigError(f"eval.every must be >= 0 (0: no online k-NN), got {e.every}")
+    if e.every and not (e.train and e.val):
+        raise ConfigError("eval.every > 0 needs labelled shards: set eval.train=DIR and eval.val=DIR "
+                          "(`simscale prepare CLASS_FOLDERS --out DIR`)")
+    if e.k < 1 or e.temperature <= 0 or e.batch_size < 1 or e.max_samples < 1:
+        raise ConfigError("eval.k, eval.batch_size and eval.max_samples must be >= 1 and eval.temperature > 0")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

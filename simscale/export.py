@@ -27,7 +27,7 @@ def timm_model_args(cfg: Config) -> dict:
     m = cfg.model
     return {"img_size": m.img_size, "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth,
             "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio, "qkv_bias": True, "class_token": True,
-            "global_pool": "token", "final_norm": m.final_norm, "num_classes": 0}
+            "global_pool": m.pool, "final_norm": m.final_norm, "num_classes": 0}
 
 
 def _pick_checkpoint(run_dir: Path, step: int | None) -> Path:

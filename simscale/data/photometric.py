@@ -29,10 +29,20 @@ RECIPE = {  # probabilities per view
     "b": {"jitter": 0.8, "gray": 0.2, "blur": 0.1, "solarize": 0.2},
 }
 STRENGTH = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
-SIGMA_RANGE = (0.1, 2.0)
+SIGMA_RANGE = (0.1, 2.0)  # pixels at the recipe's 224 px (METHOD.md)
+RECIPE_SIZE = 224
 
 
-def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True) -> np.ndarray:
+def sigma_range_for(img_size: int, sigma_at_224: tuple[float, float] = SIGMA_RANGE) -> tuple[float, float]:
+    """The blur's sigma range in pixels of an `img_size` view: the recipe's range is specified for
+    224 px views, so it scales with the view (at 32 px, sigma 2 px would wipe out a 4 px patch
+    detail that the 224 px recipe only softens). Unchanged at 224."""
+    f = img_size / RECIPE_SIZE
+    return (sigma_at_224[0] * f, sigma_at_224[1] * f)
+
+
+def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True,
+                sigma_range: tuple[float, float] = SIGMA_RANGE) -> np.ndarray:
     """One view's parameters. Every value is always drawn, so the RNG use is fixed."""
     p = RECIPE[view]
     out = np.zeros(K, dtype=np.float32)
@@ -43,7 +53,7 @@ def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True) -> 
     out[SAT] = rng.uniform(max(0.0, 1 - s["saturation"]), 1 + s["saturation"])
     out[HUE] = rng.uniform(-s["hue"], s["hue"])
     out[ORDER:ORDER + 4] = rng.permutation(4)
-    out[SIGMA] = rng.uniform(*SIGMA_RANGE)
+    out[SIGMA] = rng.uniform(*sigma_range)
     if color_aug:
         out[JITTER] = u[0] < p["jitter"]
         out[GRAY] = u[1] < p["gray"]

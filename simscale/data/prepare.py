@@ -43,7 +43,7 @@ class Options:
     shard_bytes: int = 0
     max_side: int = 0
     quality: int = 95
-    shuffle: bool = False
+    shuffle: bool = True  # seeded: class folders never come out as one-class runs of samples
     seed: int = 0
     max_pixels: int = 89_478_485
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from simscale.data.masking import block_mask
-from simscale.data.photometric import draw_params
+from simscale.data.photometric import draw_params, sigma_range_for
 from simscale.data.shards import ShardSet, resolve_shards
 from simscale.data.views import TwoViewCrop
 from simscale.errors import DataError
@@ -86,6 +86,7 @@ class _Plan:
     min_block: int
     min_aspect: float
     color_aug: bool
+    sigma_range: tuple[float, float]
 
     def slot_batches(self, slot: int) -> int:
         return max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
@@ -142,8 +143,8 @@ class _Plan:
         mask = block_mask(mask_rng, self.grid, self.mask_ratio, self.min_block, self.min_aspect)
         cls = sample.get("cls")
         return {"view_a": view_a, "view_b": view_b, "geometry": geometry, "mask": mask,
-                "photo_a": draw_params(photo_rng, "a", self.color_aug),
-                "photo_b": draw_params(photo_rng, "b", self.color_aug),
+                "photo_a": draw_params(photo_rng, "a", self.color_aug, self.sigma_range),
+                "photo_b": draw_params(photo_rng, "b", self.color_aug, self.sigma_range),
                 "label": int(cls) if cls else -1, "index": index}
 
     def batches(self, epoch: int, slot: int, first_local: int) -> Iterator[dict]:
@@ -242,7 +243,8 @@ class TwoViewStream:
             grid=m.img_size // m.patch_size,
             crop=TwoViewCrop(m.img_size, tuple(d.crop_scale), tuple(d.crop_ratio), d.same_view),
             mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,
-            min_aspect=d.mask.min_aspect, color_aug=d.color_aug)
+            min_aspect=d.mask.min_aspect, color_aug=d.color_aug,
+            sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)))
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """Batches skip, skip+1, ... of `epoch` for this rank; ends after batches_per_epoch."""

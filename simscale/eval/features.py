@@ -175,6 +175,26 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+def pixel_features(shards: str | ShardSet, img_size: int, batch_size: int = 256,
+                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw-pixel baseline: each image after the eval transform, flattened ([N, 3*S*S]).
+
+    Any encoder is worth what it adds over its own input: `simscale eval knn --pixels` scores
+    these with the same k-NN as an encoder's features."""
+    shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
+    transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
+    feats, labels = [], []
+    for images, y in _loader(shard_set, transform, batch_size, workers):
+        if images is None:
+            raise DataError(f"shards '{shard_set.urls[0]}'... hold samples without an image or a .cls "
+                            "label: prepare them from class folders (`simscale prepare CLASS_DIR`)")
+        feats.append(images.flatten(1))
+        labels.append(y)
+    if not feats:
+        raise DataError(f"no samples in shards '{shard_set.urls[0]}' ({len(shard_set.urls)} shards)")
+    return torch.cat(feats), torch.cat(labels)
+
+
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
@@ -185,12 +205,16 @@ def encode_splits(args) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.
     if train_set.classes and val_set.classes and list(train_set.classes) != list(val_set.classes):
         raise DataError(f"--train and --val name different classes ({len(train_set.classes)} vs "
                         f"{len(val_set.classes)}): prepare both from the same class folders")
-    model = load_encoder(args.model)
-    if torch.cuda.is_available():
-        model = model.cuda()
     workers = getattr(args, "workers", None)
     workers = default_workers() if workers is None else workers
-    train = extract_features(model, train_set, args.batch_size, workers)
-    val = extract_features(model, val_set, args.batch_size, workers)
+    if getattr(args, "pixels", False):
+        train = pixel_features(train_set, args.img_size, args.batch_size, workers)
+        val = pixel_features(val_set, args.img_size, args.batch_size, workers)
+    else:
+        model = load_encoder(args.model)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        train = extract_features(model, train_set, args.batch_size, workers)
+        val = extract_features(model, val_set, args.batch_size, workers)
     n_classes = max(len(train_set.classes or ()), int(max(train[1].max(), val[1].max())) + 1)
     return train, val, n_classes

@@ -66,7 +66,8 @@ def cli_main(args) -> int:
 
     (train_f, train_y), (val_f, val_y), n_classes = encode_splits(args)
     top1 = knn_top1(train_f, train_y, val_f, val_y, args.k, args.temperature, n_classes)
-    table = Table(title=f"k-NN probe: {args.model}")
+    what = f"raw pixels at {args.img_size} px" if getattr(args, "pixels", False) else args.model
+    table = Table(title=f"k-NN probe: {what}")
     for col in ("k", "T", "top-1 (%)", "n_train", "n_val", "classes"):
         table.add_column(col, justify="right")
     table.add_row(str(args.k), f"{args.temperature:g}", f"{100 * top1:.2f}", str(len(train_f)),

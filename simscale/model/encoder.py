@@ -50,7 +50,7 @@ class Encoder(nn.Module):
         self.grid = m.img_size // m.patch_size
         self.embed_dim = m.embed_dim
         self.patch_embed = PatchEmbed(img_size=m.img_size, patch_size=m.patch_size, in_chans=3, embed_dim=m.embed_dim)
-        self.patch_embed.requires_grad_(False)  # frozen at init (MoCo-v3 trick)
+        self.patch_embed.requires_grad_(not m.freeze_patch_embed)  # frozen at init (MoCo-v3 trick)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, m.embed_dim))
         nn.init.normal_(self.cls_token, std=0.02)
         pe = torch.cat([torch.zeros(1, m.embed_dim), abs_pos_embed_2d(self.grid, m.embed_dim)])

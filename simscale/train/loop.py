@@ -114,6 +114,12 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                                 self.schedule.total_steps)
+        self.knn = None
+        if self.cfg.eval.every:
+            from simscale.train.online_knn import OnlineKNN
+
+            self.knn = OnlineKNN(self.cfg.eval, self.cfg.model.img_size, self.info.device, dtype,
+                                 self.cfg.model.pool)
         self.sink.print(f"simscale: {self.cfg.preset}, world {self.info.world_size} ({self.info.backend}), "
                         f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
                         f"{self.schedule.total_steps} steps of global batch "
@@ -199,6 +205,22 @@ class Trainer:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait}
 
+    # -- online k-NN ------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """k-NN top-1 of the online and target encoders after `state.step` steps (collective)."""
+        s = self.state
+        if s.ema_pending:  # the same update the next step would start with: the target is current
+            self.ema.update(self.schedule.momentum_at(s.step))
+            s.ema_pending = False
+        encoders = {"online": self.model.online.encoder}
+        if self.model.target is not None:
+            encoders["target"] = self.model.target.encoder
+        result = self.knn.evaluate(encoders)
+        self.sink.log(s.step, result, progress=False)
+        self.sink.print(f"step {s.step}: k-NN top-1 " + ", ".join(
+            f"{name} {result[f'knn_{name}_top1']:.2f}%" for name in encoders) + f" ({result['eval_time']:.1f} s)")
+        return result
+
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> LoopState:
         cfg, s = self.cfg, self.state
@@ -207,6 +229,8 @@ class Trainer:
         global_batch = cfg.optim.batch_size * self.accum * self.info.world_size
         self.engine.train()
         try:
+            if self.knn is not None and s.step == 0:
+                self.evaluate()  # the curve starts at the initialisation (the random-init baseline)
             while s.step < total:
                 t0 = time.perf_counter()
                 m = self.train_step(batches)
@@ -232,6 +256,8 @@ class Trainer:
                     self.sink.log(step, m)
                 else:
                     self.sink.advance(step)
+                if self.knn is not None and (s.step % cfg.eval.every == 0 or s.step == total):
+                    self.evaluate()
                 if s.step % cfg.run.save_every == 0 or s.step == total:
                     self.save()
                 if s.step - 1 == cfg.fault.kill_at_step:

@@ -61,7 +61,7 @@ class MetricsSink:
             self.task = self.progress.add_task("train", total=total_steps, info="")
             self.progress.start()
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
+    def log(self, step: int, values: dict[str, Any], progress: bool = True) -> None:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **values}
@@ -70,7 +70,7 @@ class MetricsSink:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(f"train/{key}", value, step)
-        if self.progress is not None:
+        if self.progress is not None and progress:
             info = (f"loss {values.get('loss', float('nan')):.4f}  lr {values.get('lr', 0):.2e}  "
                     f"{values.get('images_per_s', 0):.1f} img/s  {values.get('tflops_per_device', 0):.3f} TFLOP/s"
                     + (f"  MFU {values['mfu']:.1%}" if values.get("mfu") is not None else "")

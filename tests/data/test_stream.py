@@ -25,7 +25,7 @@ def shards(tmp_path_factory):
         p = images.write_jpeg(root / "img" / f"{k:03d}.jpg", images.variant(k, (160, 120)))
         lines.append(f"{p} {k}\n")
     (root / "list.txt").write_text("".join(lines))
-    prepare([str(root / "list.txt")], root / "out", Options(shard_size=5), workers=1, progress=False)
+    prepare([str(root / "list.txt")], root / "out", Options(shard_size=5, shuffle=False), workers=1, progress=False)
     return root / "out"
 
 
@@ -155,7 +155,7 @@ def test_fewer_shards_than_slots_still_covers_each_sample_once(shards, tmp_path)
     # One shard, 2 ranks x 2 workers = 4 slots: each slot skips to its own range of that shard.
     lst = tmp_path / "list.txt"
     lst.write_text("".join(f"{p} {k}\n" for k, p in enumerate(sorted((shards.parent / "img").glob("*.jpg")))))
-    prepare([str(lst)], tmp_path / "one", Options(shard_size=1000), workers=1, progress=False)
+    prepare([str(lst)], tmp_path / "one", Options(shard_size=1000, shuffle=False), workers=1, progress=False)
     assert len(resolve_shards(str(tmp_path / "one")).urls) == 1
     seen, counts = [], []
     for rank in range(2):

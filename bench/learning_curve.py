@@ -1,0 +1,171 @@
+"""Learning curves: k-NN top-1 against training step for SIM variants, with the two baselines
+every number must be compared with (the random-init encoder = each curve's step 0, and k-NN on
+the raw pixels after the same eval transform).
+
+    python bench/learning_curve.py --data fmnist --steps 900 --every 100 \
+        --variant sim: --variant pixel:model.target=pixel \
+        --variant "crop:data.crop_scale=[0.3,1.0];optim.base_lr=2e-3" --out bench/out/curves
+
+A variant is NAME:override;override;... (simscale config overrides on top of `--base`, which
+defaults to the quickstart's recipe). Each variant trains in this process (world size 1, one
+DeepSpeed engine after the other) with the online k-NN monitor on; results go to OUT/curves.json
+(appended per variant, so a long study can be run in pieces) and OUT/curves.png.
+Data: Fashion-MNIST from Debian's dataset-fashion-mnist (`fmnist`), or scikit-learn's handwritten
+digits upscaled to 32 px (`digits`, a second labelled set the recipe was not tuned on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: int = 0) -> tuple[str, str]:
+    """Class folders -> `simscale prepare` shards (cached under root)."""
+    from simscale.data.prepare import Options, prepare
+
+    train_dir, val_dir = root / f"{name}_shards" / "train", root / f"{name}_shards" / "val"
+    if (train_dir / "manifest.json").is_file() and (val_dir / "manifest.json").is_file():
+        return str(train_dir), str(val_dir)
+    img = root / f"{name}_images"
+    if name == "fmnist":
+        from simscale.data.fashion_mnist import write_class_folders
+
+        write_class_folders(img / "train", "train", per_class)
+        write_class_folders(img / "val", "test", val_per_class)
+    elif name == "digits":
+        write_digits(img, per_class, val_per_class, seed)
+    else:
+        raise SystemExit(f"unknown data set {name}")
+    for split, out in (("train", train_dir), ("val", val_dir)):
+        prepare([str(img / split)], out, Options(shard_size=500), workers=1, progress=False)
+    return str(train_dir), str(val_dir)
+
+
+def write_digits(img: Path, per_class: int, val_per_class: int, seed: int) -> None:
+    """scikit-learn's 8x8 handwritten digits (1797 images), upscaled to 32 px, as class folders."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(d.target == c))
+        for split, part in (("val", idx[:val_per_class]), ("train", idx[val_per_class:val_per_class + per_class])):
+            folder = img / split / f"{c}_digit"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                a = (d.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(a, "L").resize((32, 32), Image.Resampling.BICUBIC).save(folder / f"{i}.png")
+
+
+def raw_pixel_knn(train: str, val: str, img_size: int) -> float:
+    from simscale.eval.knn import knn_top1
+    from simscale.train.online_knn import load_split
+
+    tx, ty, _ = load_split(train, img_size, 10**9, 0, 1)
+    vx, vy, _ = load_split(val, img_size, 10**9, 0, 1)
+    return 100 * knn_top1(tx.flatten(1), ty, vx.flatten(1), vy)
+
+
+def run_variant(name: str, overrides: list[str], out: Path, info) -> dict:
+    from simscale.config import build_config
+    from simscale.train.loop import Trainer
+
+    run_dir = out / "runs" / name
+    if run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)
+    cfg = build_config("tiny", overrides=[*overrides, f"run.dir={run_dir}", "log.progress=false",
+                                          "log.tensorboard=false"])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, resume="none", dist_info=info)
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in records if "knn_online_top1" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    return {"name": name, "overrides": overrides, "seconds": seconds,
+            "eval_seconds": sum(r["eval_time"] for r in curve),
+            "steps": [r["step"] for r in curve],
+            "online": [r["knn_online_top1"] for r in curve],
+            "target": [r.get("knn_target_top1") for r in curve],
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results["variants"].values():
+        line, = ax.plot(r["steps"], r["online"], marker="o", ms=3, label=f"{r['name']} (online)")
+        if any(v is not None for v in r["target"]):
+            ax.plot(r["steps"], r["target"], ls="--", color=line.get_color(), alpha=0.6,
+                    label=f"{r['name']} (target)")
+    ax.axhline(results["raw_pixels"], color="k", ls=":", label=f"raw pixels {results['raw_pixels']:.1f}")
+    init = [r["online"][0] for r in results["variants"].values() if r["steps"] and r["steps"][0] == 0]
+    if init:
+        ax.axhline(init[0], color="grey", ls="-.", label=f"random init {init[0]:.1f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("k-NN top-1 (%)  (k=20, T=0.07)")
+    ax.set_title(f"SIM learning curves: {results['data']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="fmnist", choices=("fmnist", "digits"))
+    ap.add_argument("--per-class", type=int, default=300)
+    ap.add_argument("--val-per-class", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=128, help="global batch (one process here)")
+    ap.add_argument("--base", default="", help="semicolon-separated overrides for every variant")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=v;key=v (repeatable)")
+    ap.add_argument("--out", default="bench/out/curves")
+    args = ap.parse_args()
+
+    from simscale.train.distributed import init_distributed
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, val = make_data(args.data, out.parent / "data", args.per_class, args.val_per_class)
+    info = init_distributed()
+    summary_path = out / "curves.json"
+    results = json.loads(summary_path.read_text()) if summary_path.is_file() else {"variants": {}}
+    results["data"] = args.data
+    results["raw_pixels"] = raw_pixel_knn(train, val, 32)
+    print(f"raw pixels k-NN: {results['raw_pixels']:.2f}%", flush=True)
+    base = [f"data.train={train}", f"eval.train={train}", f"eval.val={val}", f"eval.every={args.every}",
+            f"optim.max_steps={args.steps}", f"optim.batch_size={args.batch}", "data.num_workers=1",
+            "run.save_every=1000000", f"log.every={args.every}"]
+    base += [o for o in args.base.split(";") if o]
+    for spec in args.variant or ["sim:"]:
+        name, _, over = spec.partition(":")
+        r = run_variant(name, base + [o for o in over.split(";") if o], out, info)
+        results["variants"][name] = r
+        print(f"{name}: online {' '.join(f'{v:.1f}' for v in r['online'])} | target "
+              f"{' '.join(f'{v:.1f}' for v in r['target'] if v is not None)} | {r['seconds']:.0f} s "
+              f"(eval {r['eval_seconds']:.1f} s) loss {r['loss_first']:.3f}->{r['loss_last']:.3f}", flush=True)
+        summary_path.write_text(json.dumps(results, indent=1))
+        plot(results, out / "curves.png")
+
+
+if __name__ == "__main__":
+    main()
