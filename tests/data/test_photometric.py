@@ -115,3 +115,24 @@ def test_color_aug_off_leaves_only_normalisation():
     assert torch.allclose(out, TF.normalize(x.float() / 255, ph.MEAN, ph.STD), atol=1e-6)
     with_aug = apply_photometric(x, torch.from_numpy(np.stack([draw_params(rng, "a") for _ in range(6)])))
     assert not torch.allclose(with_aug, out, atol=1e-2)
+
+
+def test_blur_sigma_is_specified_at_224_px_and_scales_with_the_view():
+    from simscale.data.photometric import SIGMA, sigma_range_for
+
+    assert sigma_range_for(224) == pytest.approx((0.1, 2.0))  # the release recipe, unchanged
+    lo, hi = sigma_range_for(32)
+    assert lo == pytest.approx(0.1 * 32 / 224) and hi == pytest.approx(2.0 * 32 / 224)
+    rng = np.random.default_rng(0)
+    sigmas = [draw_params(rng, "a", True, (lo, hi))[SIGMA] for _ in range(200)]
+    assert lo <= min(sigmas) and max(sigmas) <= hi
+
+
+def test_the_stream_draws_blur_for_its_image_size(train_shards):
+    from simscale.config import build_config
+    from simscale.data.photometric import SIGMA
+    from simscale.data.stream import TwoViewStream
+
+    cfg = build_config("tiny", overrides=[f"data.train={train_shards}", "data.num_workers=0", "optim.batch_size=4"])
+    batch = next(TwoViewStream(cfg).batches(epoch=0))
+    assert float(batch["photo_a"][:, SIGMA].max()) <= 2.0 * 32 / 224 + 1e-6

@@ -177,3 +177,23 @@ def test_cli_prepare(tmp_path, capsys):
     rc = cli_main(["prepare", str(src), "--out", str(tmp_path / "out"), "--workers", "1"])
     assert rc == 0 and (tmp_path / "out" / "manifest.json").is_file()
     assert cli_main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def _labels_in_shard_order(out: Path) -> list[int]:
+    labels = []
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            labels += [int(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".cls")]
+    return labels
+
+
+def test_class_folders_are_shuffled_by_default_and_kept_in_order_on_request(tmp_path):
+    src = images.class_folders(tmp_path / "src", per_class=6)
+    prepare([str(src)], tmp_path / "mixed", Options(shard_size=6, max_side=64), workers=1, progress=False)
+    mixed = _labels_in_shard_order(tmp_path / "mixed")
+    assert sorted(mixed) == [0] * 6 + [1] * 6 + [2] * 6
+    # No shard of 6 is a one-class run, as it was with the sorted class folders.
+    assert all(len(set(mixed[i:i + 6])) > 1 for i in range(0, 18, 6))
+    assert cli_main(["prepare", str(src), "--out", str(tmp_path / "kept"), "--shard-size", "6",
+                     "--max-side", "64", "--workers", "1", "--no-shuffle"]) == 0
+    assert _labels_in_shard_order(tmp_path / "kept") == [0] * 6 + [1] * 6 + [2] * 6

@@ -116,6 +116,12 @@ if __name__ == "__main__":
     state = accum.fit()
     results["accum"] = {"losses": state.losses, "micro_in_epoch": state.micro_in_epoch,
                         "global_steps": accum.engine.global_steps}
+    # The online k-NN monitor under ZeRO-3: every rank takes part in every forward (no hang) and
+    # all ranks agree on the top-1 (features are all-gathered).
+    knn = make(shards, out, "knn_z3", "deepspeed.zero_stage=3", "optim.max_steps=2", "eval.every=1",
+               f"eval.train={shards}", f"eval.val={shards}", "eval.batch_size=5")
+    knn.fit()
+    results["knn_z3"] = knn.evaluate()
     # bf16 last: CPU_NOTES says bf16 numbers shift once a ZeRO-3 engine existed; these only smoke-test.
     for stage in (1, 2, 3):
         results[f"smoke_z{stage}_bf16"] = smoke(shards, out, stage, "bf16")

@@ -85,3 +85,10 @@ def test_gradient_accumulation_steps_once_per_accum_micro_batches(results):
 
 def test_activation_checkpointing_under_zero3_gives_the_same_losses(results):
     assert results[0]["z3_ckpt"]["losses"] == pytest.approx(results[0]["smoke_z3_fp32"]["losses"], rel=1e-6)
+
+
+def test_online_knn_runs_under_zero3_and_ranks_agree(results):
+    a, b = results[0]["knn_z3"], results[1]["knn_z3"]
+    for key in ("knn_online_top1", "knn_target_top1"):
+        assert 0.0 <= a[key] <= 100.0
+        assert a[key] == b[key]
