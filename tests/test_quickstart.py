@@ -1,5 +1,7 @@
 """The README's first command, shortened: real images -> shards -> SIM under the deepspeed
-launcher on 2 CPU processes -> export to timm -> k-NN numbers (trained and random init)."""
+launcher on 2 CPU processes (online k-NN on) -> export to timm -> k-NN numbers (trained, random
+init, raw pixels); on Fashion-MNIST and on a user's own class folders."""
+import json
 import os
 import re
 import subprocess
@@ -8,22 +10,47 @@ import sys
 import pytest
 
 from simscale.data.fashion_mnist import DEFAULT_ROOT
+from tests.conftest import load_images_module
 from tests.distrun import ROOT, cpu_env, free_port
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").exists() and os.environ.get("CI") != "true",
-                    reason="needs Debian's dataset-fashion-mnist (.ci/setup installs it; in CI it must be there)")
-def test_quickstart_runs_end_to_end(tmp_path):
-    env = cpu_env(WORK=str(tmp_path), PER_CLASS="20", VAL_PER_CLASS="10", STEPS="4", BATCH="8",
-                  PYTHON=sys.executable, MASTER_PORT=str(free_port()), SIMSCALE_NO_PROGRESS="0")
+def quickstart(work, **extra):
+    env = cpu_env(WORK=str(work), PER_CLASS="20", VAL_PER_CLASS="10", STEPS="4", BATCH="8", EVAL_EVERY="2",
+                  PYTHON=sys.executable, MASTER_PORT=str(free_port()), SIMSCALE_NO_PROGRESS="0", **extra)
     proc = subprocess.run(["bash", "launchers/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert step in out
-    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert (work / "export" / "model.safetensors").is_file()
     top1 = [float(x) for x in re.findall(r"│\s+20 │\s+0\.07 │\s+([\d.]+) │", out)]
-    assert len(top1) == 2 and all(0 <= x <= 100 for x in top1)
+    assert len(top1) == 3 and all(0 <= x <= 100 for x in top1)  # SIM, random init, raw pixels
+    assert "raw pixels at 32 px" in out
+    evals = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if "knn_online_top1" in r] == [0, 2, 4]
+    return out
+
+
+@pytest.mark.skipif(not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").exists() and os.environ.get("CI") != "true",
+                    reason="needs Debian's dataset-fashion-mnist (.ci/setup installs it; in CI it must be there)")
+def test_quickstart_runs_end_to_end(tmp_path):
+    quickstart(tmp_path)
+
+
+def test_quickstart_on_the_users_own_class_folders(tmp_path):
+    images = load_images_module()
+    images.class_folders(tmp_path / "mine" / "train", per_class=8)
+    images.class_folders(tmp_path / "mine" / "val", per_class=3)
+    out = quickstart(tmp_path / "work", TRAIN_DIR=str(tmp_path / "mine" / "train"),
+                     VAL_DIR=str(tmp_path / "mine" / "val"))
+    assert "your images" in out and "Fashion-MNIST" not in out.split("2/5")[0]
+
+
+def test_quickstart_refuses_half_a_user_data_set(tmp_path):
+    env = cpu_env(WORK=str(tmp_path), TRAIN_DIR=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "launchers/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "VAL_DIR" in proc.stderr
