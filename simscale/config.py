@@ -61,6 +61,9 @@ class DataConfig:
     samples_per_epoch: int = 0  # resampled mode: epoch length (0: the manifest's total)
     num_workers: int = 4
     shuffle_buffer: int = 1000
+    # Exact-epoch mode: the samples of this many consecutive shards (of the epoch's random shard
+    # order) alternate in the sample sequence, so every shuffle chunk mixes several shards.
+    shard_interleave: int = 8
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_aug: bool = True  # ablation switch: colour jitter/grayscale/blur/solarize off
@@ -399,6 +402,8 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.ema.momentum <= 1.0 or not 0.0 <= cfg.ema.momentum_end <= 1.0:
         raise ConfigError("ema.momentum and ema.momentum_end must lie in [0, 1]")
     e = cfg.eval
+    if cfg.data.shard_interleave < 1:
+        raise ConfigError(f"data.shard_interleave must be >= 1, got {cfg.data.shard_interleave}")
     if e.every < 0:
         raise ConfigError(f"eval.every must be >= 0 (0: no online k-NN), got {e.every}")
     if e.every and not (e.train and e.val):

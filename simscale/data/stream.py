@@ -1,8 +1,11 @@
 """The two-view stream each rank iterates: shards -> (rank, worker) slots -> decoded batches.
 
 Exact-epoch mode ("epoch"), the default:
-- Per epoch the shard order is a permutation drawn from (seed, epoch) only. The manifest's
-  per-shard counts, concatenated in that order, form one global sequence of samples.
+- Per epoch the shard order is a permutation drawn from (seed, epoch) only. Consecutive shards
+  of that order form groups of `data.shard_interleave`; inside a group the samples of its shards
+  alternate (round-robin in stored order, a shard that runs out drops out), so any stretch of the
+  sequence mixes several shards even when the shards themselves are sorted. The groups,
+  concatenated, form one global sequence of samples, computed from the manifest's counts alone.
 - Each rank takes `batches_per_epoch * B` consecutive positions of it (batches_per_epoch =
   total // (B * world_size), the same on every rank, so no rank waits at a collective). The
   remainder that does not fill a last global batch is DROPPED; it lies at the end of the
@@ -51,6 +54,25 @@ def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(num_shards)
 
 
+def group_sequence(counts: list[int]) -> list[tuple[int, int]]:
+    """(member, offset) pairs of one interleave group: round-robin over its shards' samples."""
+    return [(i, r) for r in range(max(counts, default=0)) for i, c in enumerate(counts) if r < c]
+
+
+def epoch_sequence(seed: int, epoch: int, counts: list[int], interleave: int):
+    """The epoch's global sample order as (shard, offset) pairs, lazily, group by group.
+
+    Yields (group_start, shards, sequence) per group so that a reader can skip whole groups by
+    their sample counts without building the sequence of the whole epoch."""
+    order = shard_order(seed, epoch, len(counts))
+    pos = 0
+    for g in range(0, len(order), max(1, interleave)):
+        shards = [int(s) for s in order[g:g + max(1, interleave)]]
+        size = sum(counts[s] for s in shards)
+        yield pos, shards, size
+        pos += size
+
+
 def sample_rngs(seed: int, epoch: int, index: int) -> list[np.random.Generator]:
     """Independent generators (crop, mask, photometric) for one sample of one epoch."""
     ss = np.random.SeedSequence([seed, epoch, int(index)])
@@ -87,6 +109,7 @@ class _Plan:
     min_aspect: float
     color_aug: bool
     sigma_range: tuple[float, float]
+    interleave: int = 1
 
     def slot_batches(self, slot: int) -> int:
         return max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
@@ -98,23 +121,23 @@ class _Plan:
     # ------------------------------------------------------------------ raw samples per slot
     def _exact_raw(self, epoch: int, start: int) -> Iterator[tuple[int, dict]]:
         """(global index, raw sample) from position `start` of the epoch's global sequence."""
-        order = shard_order(self.seed, epoch, len(self.urls))
-        pos = 0
-        for s in order:
-            n = self.counts[s]
-            if pos + n > start:
-                seen = max(0, start - pos)
-                got = seen
-                for sample in _read_shard(self.urls[s], skip=seen):
-                    if got >= n:
-                        break
-                    yield pos + got, sample
-                    got += 1
-                if got < n:
+        for pos, shards, size in epoch_sequence(self.seed, epoch, self.counts, self.interleave):
+            if pos + size <= start:
+                continue  # a whole group before the start: never opened
+            seq = group_sequence([self.counts[s] for s in shards])
+            first = max(0, start - pos)
+            skip = [0] * len(shards)  # samples of each member that lie before `first`
+            for member, _ in seq[:first]:
+                skip[member] += 1
+            readers = [_read_shard(self.urls[s], skip=k) for s, k in zip(shards, skip)]
+            for n, (member, offset) in enumerate(seq[first:], start=first):
+                sample = next(readers[member], None)
+                if sample is None:
+                    s = shards[member]
                     raise DataError(f"shard '{self.urls[s]}' holds fewer samples than its manifest "
-                                    f"says ({got} < {n}): re-run `simscale prepare`")
-                start = pos + n
-            pos += n
+                                    f"says ({offset} < {self.counts[s]}): re-run `simscale prepare`")
+                yield pos + n, sample
+            start = pos + size
 
     def _resampled_raw(self, epoch: int, slot: int, base: int) -> Iterator[tuple[int, dict]]:
         gid = self.rank * self.slots + slot
@@ -244,7 +267,7 @@ class TwoViewStream:
             crop=TwoViewCrop(m.img_size, tuple(d.crop_scale), tuple(d.crop_ratio), d.same_view),
             mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,
             min_aspect=d.mask.min_aspect, color_aug=d.color_aug,
-            sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)))
+            sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)), interleave=d.shard_interleave)
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """Batches skip, skip+1, ... of `epoch` for this rank; ends after batches_per_epoch."""

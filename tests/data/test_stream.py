@@ -29,6 +29,20 @@ def shards(tmp_path_factory):
     return root / "out"
 
 
+def expected_sequence(shards, epoch, interleave=8, seed=3):
+    """Written out independently of the stream: shards in `shard_order`, groups of `interleave`
+    consecutive ones, round-robin inside a group; values are sample ids (= labels here)."""
+    man = json.loads((shards / "manifest.json").read_text())
+    counts = [x["samples"] for x in man["shards"]]
+    order = list(shard_order(seed, epoch, len(counts)))
+    seq = []
+    for g in range(0, len(order), interleave):
+        runs = [list(range(sum(counts[:s]), sum(counts[:s]) + counts[s])) for s in order[g:g + interleave]]
+        for r in range(max(len(x) for x in runs)):
+            seq += [x[r] for x in runs if r < len(x)]
+    return seq
+
+
 def cfg_for(out, workers=0, batch=4, **data):
     overrides = [f"data.train={out}", f"data.num_workers={workers}", f"optim.batch_size={batch}",
                  "data.shuffle_buffer=8", "run.seed=3"]
@@ -62,25 +76,26 @@ def test_exact_once_per_epoch_across_two_ranks_and_two_workers(shards):
         seen += [int(i) for b in batches for i in b["label"]]
     assert counts == [N // 8, N // 8]  # every rank yields the same number of batches
     assert len(seen) == len(set(seen)) == (N // 8) * 8  # each sample at most once
-    # The dropped remainder is the tail of the epoch's permuted global order.
-    man = json.loads((shards / "manifest.json").read_text())
-    order = shard_order(3, 1, len(man["shards"]))
-    seq = []
-    for s in order:
-        first = sum(x["samples"] for x in man["shards"][:s])
-        seq += list(range(first, first + man["shards"][s]["samples"]))  # labels are sample ids
+    # The dropped remainder is the tail of the epoch's permuted, interleaved global order.
+    seq = expected_sequence(shards, epoch=1)
     assert set(seen) == set(seq[: (N // 8) * 8])
 
 
 def test_index_is_the_position_in_the_epoch_sequence(shards):
-    man = json.loads((shards / "manifest.json").read_text())
-    order = shard_order(3, 2, len(man["shards"]))
-    seq = []
-    for s in order:
-        first = sum(x["samples"] for x in man["shards"][:s])
-        seq += list(range(first, first + man["shards"][s]["samples"]))
-    for b in collect(TwoViewStream(cfg_for(shards)), 2):
-        assert [seq[i] for i in b["index"].tolist()] == b["label"].tolist()
+    for interleave in (1, 3, 8):
+        seq = expected_sequence(shards, epoch=2, interleave=interleave)
+        for b in collect(TwoViewStream(cfg_for(shards, shard_interleave=interleave)), 2):
+            assert [seq[i] for i in b["index"].tolist()] == b["label"].tolist()
+
+
+def test_each_stretch_of_the_sequence_mixes_several_sorted_shards(shards):
+    # The shards hold sample ids in sorted runs of 5; with interleave 8 any 8 consecutive
+    # positions of a full group come from 8 different shards.
+    seq = expected_sequence(shards, epoch=0, interleave=8)
+    owner = [i // 5 for i in seq]
+    assert len(set(owner[:8])) == 8
+    seen = [int(i) for b in collect(TwoViewStream(cfg_for(shards, shard_interleave=8)), 0) for i in b["label"]]
+    assert len({i // 5 for i in seen[:8]}) >= 4  # a shuffle chunk of 8 spans many shards
 
 
 def test_shard_order_is_a_function_of_seed_and_epoch(shards):
