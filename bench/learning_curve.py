@@ -33,10 +33,11 @@ def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: i
     """Class folders -> `simscale prepare` shards (cached under root)."""
     from simscale.data.prepare import Options, prepare
 
-    train_dir, val_dir = root / f"{name}_shards" / "train", root / f"{name}_shards" / "val"
+    tag = f"{name}_{per_class}_{val_per_class}"
+    train_dir, val_dir = root / f"{tag}_shards" / "train", root / f"{tag}_shards" / "val"
     if (train_dir / "manifest.json").is_file() and (val_dir / "manifest.json").is_file():
         return str(train_dir), str(val_dir)
-    img = root / f"{name}_images"
+    img = root / f"{tag}_images"
     if name == "fmnist":
         from simscale.data.fashion_mnist import write_class_folders
 
