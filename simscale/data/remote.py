@@ -85,7 +85,7 @@ def filesystem(url: str, opts: IOOptions | None = None):
             fs = fsspec.filesystem("http", client_kwargs={"timeout": timeout})
         elif protocol in ("s3", "s3a"):
             # botocore's own retries stay few: the retry loop below owns backoff and the final error.
-            fs = fsspec.filesystem("s3", config_kwargs={
+            fs = fsspec.filesystem("s3", use_listings_cache=False, config_kwargs={
                 "connect_timeout": opts.timeout, "read_timeout": opts.timeout,
                 "retries": {"max_attempts": 2, "mode": "standard"}})
         elif protocol in ("gs", "gcs"):
@@ -199,7 +199,10 @@ class RemoteFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        data = with_retries(self.url, lambda: self._read(len(buffer)), self.opts, self._drop)
+        # At most one block per call: a failure then costs at most one range request, and the
+        # retry resumes at the offset reached, not at the start of a large tar member.
+        n = min(len(buffer), self.opts.block_size)
+        data = with_retries(self.url, lambda: self._read(n), self.opts, self._drop)
         buffer[:len(data)] = data
         self.offset += len(data)
         return len(data)
@@ -290,3 +293,16 @@ def put_bytes(data: bytes, url: str, opts: IOOptions | None = None) -> None:
         f.write(data)
         f.flush()
         put_file(f.name, url, opts)
+
+
+def remove(url: str, opts: IOOptions | None = None) -> None:
+    """Delete one object; a missing one is fine."""
+    fs, path = filesystem(url, opts)
+
+    def rm():
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    with_retries(url, rm, opts)
