@@ -6,6 +6,7 @@ import contextlib
 import html
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
@@ -66,6 +67,19 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         with srv.lock:
+            stall = srv.stall_at.get("/" + rel)
+            if stall is not None and start <= stall[0] < end + 1:
+                del srv.stall_at["/" + rel]
+            else:
+                stall = None
+        if stall is not None:  # part of the body, then silence: a hung peer the reader must time out
+            with contextlib.suppress(OSError):
+                self.wfile.write(body[:stall[0] - start])
+                self.wfile.flush()
+                time.sleep(stall[1])
+                self.wfile.write(body[stall[0] - start:])
+            return
+        with srv.lock:
             drop = srv.drop_at.get("/" + rel)
             if drop is not None and start <= drop < end + 1:
                 del srv.drop_at["/" + rel]
@@ -85,7 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 class LoopbackHTTP:
     """Serves `root` on 127.0.0.1. Faults: `fail_503` next requests answer 503; `drop_at[path] = k`
-    drops the connection once after byte k of that file."""
+    drops the connection once after byte k of that file; `stall_at[path] = (k, s)` goes silent
+    for s seconds once after byte k."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -93,6 +108,7 @@ class LoopbackHTTP:
         self.log: list[tuple] = []
         self.fail_503 = 0
         self.drop_at: dict[str, int] = {}
+        self.stall_at: dict[str, tuple[int, float]] = {}
         self.dropped: list[tuple] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True

@@ -3,6 +3,7 @@ streaming equals local, faults mid-tar are retried with every sample seen exactl
 last retry ends in one line, the shard cache is bounded, `prepare --out s3://` resumes."""
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -111,6 +112,23 @@ def test_a_store_that_stays_down_is_one_line_after_the_last_retry(root, http):
     assert "\n" not in msg and f"{http.url}/out/shard-" in msg and "after 3 tries" in msg and "503" in msg
 
 
+def test_a_hung_connection_times_out_and_is_retried(root, http):
+    local = list(TwoViewStream(cfg_for(root / "out")).batches(epoch=0))
+    s = stream_for(f"{http.url}/out", io_timeout=1.0)
+    with http.lock:
+        http.stall_at["/out/shard-000001.tar"] = (9000, 8.0)
+    t = time.perf_counter()
+    assert_same(local, list(s.batches(epoch=0)))
+    assert not http.stall_at and time.perf_counter() - t < 6.0  # gave up on it after ~1 s, not 8
+
+
+def test_resampled_mode_and_resume_read_urls_like_local(root, http):
+    def run(train, skip):
+        return list(TwoViewStream(cfg_for(train, 2, mode="resampled", samples_per_epoch=16)).batches(1, skip))
+    for skip in (0, 2):
+        assert_same(run(root / "out", skip), run(f"{http.url}/out", skip))
+
+
 def test_missing_remote_data_is_one_line(http):
     with pytest.raises(DataError, match="no manifest.json and no listable .tar"):
         resolve_shards(f"{http.url}/nowhere")
@@ -186,6 +204,12 @@ def test_prepare_out_s3_uploads_resumes_and_streams(root, tmp_path, monkeypatch)
         assert_same(local, list(TwoViewStream(cfg_for("s3://bkt/cli", 2)).batches(epoch=2)))
         with pytest.raises(DataError, match="not found"):
             resolve_shards("s3://bkt/absent/manifest.json")
+        # --index over an S3 prefix: the same counts and checksums as prepare wrote.
+        assert cli_main(["prepare", "--index", "s3://bkt/cli", "--manifest-out", str(tmp_path / "ix.json")]) == 0
+        ix = json.loads((tmp_path / "ix.json").read_text())
+        assert [(s["name"], s["samples"], s["sha256"]) for s in ix["shards"]] == [
+            (f"s3://bkt/cli/{s['name']}", s["samples"], s["sha256"])
+            for s in json.loads((stage / "manifest.json").read_text())["shards"]]
 
 
 def _img2dataset_tar(path, keys, labels=None, webp_key=None):
