@@ -133,7 +133,7 @@ def _final_error(url: str, exc: BaseException, tries: int) -> DataError:
     if isinstance(exc, FileNotFoundError):
         return DataError(f"'{url}' not found: check the URL (a `simscale prepare` output holds "
                          "manifest.json and its shards)")
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, PermissionError) or "Credential" in type(exc).__name__:
         return DataError(f"access to '{url}' denied ({why}): check the credentials in the environment "
                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE, "
                          "GOOGLE_APPLICATION_CREDENTIALS)")

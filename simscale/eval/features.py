@@ -121,7 +121,8 @@ def _collate(items):
 def _opened(entries):
     """webdataset's url_opener stage, through simscale's opener: local paths and URLs (remote.py)."""
     for entry in entries:
-        yield dict(entry, stream=open_shard(entry["url"]))
+        with open_shard(entry["url"]) as stream:  # closed once the expander asks for the next shard
+            yield dict(entry, stream=stream)
 
 
 def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
