@@ -21,14 +21,14 @@ def test_training_from_http_with_faults_and_from_s3_gives_the_same_losses(train_
     with LoopbackHTTP(train_shards.parent) as http:
         http.fail_503 = 2
         http.drop_at["/shards/shard-000001.tar"] = 3000
-        run = simscale_cli(common + [f"data.train={http.url}/shards", f"run.dir={tmp_path / 'http'}"], timeout=240)
+        run = simscale_cli(common + [f"data.train={http.url}/shards", f"run.dir={tmp_path / 'http'}"], timeout=600)
         assert run.returncode == 0, tail(run)
         assert http.dropped and http.fail_503 == 0  # both faults happened and were retried
     import s3fs
 
     with moto_s3(monkeypatch):
         s3fs.S3FileSystem().put(str(train_shards), "bkt/shards", recursive=True)
-        run = simscale_cli(common + ["data.train=s3://bkt/shards", f"run.dir={tmp_path / 's3'}"], timeout=240)
+        run = simscale_cli(common + ["data.train=s3://bkt/shards", f"run.dir={tmp_path / 's3'}"], timeout=600)
         assert run.returncode == 0, tail(run)
     a, b = losses(tmp_path / "http"), losses(tmp_path / "s3")
     assert len(a) == 3 and a == b
