@@ -36,8 +36,9 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="turn images (folders, file lists, tars) into WebDataset shards",
                        description="Write WebDataset shards + manifest.json from image folders, "
                        "class folders, text files of paths (optionally 'path label') or existing tars.")
-    p.add_argument("sources", nargs="+", metavar="SRC", help="folder, .txt file list or .tar file")
-    p.add_argument("--out", required=True, help="output directory for shard-%%06d.tar and manifest.json")
+    p.add_argument("sources", nargs="*", metavar="SRC", help="folder, .txt file list or .tar file")
+    p.add_argument("--out", default=None, help="output directory (or s3://, gs://... URL: written "
+                   "locally, then uploaded) for shard-%%06d.tar and manifest.json")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--shard-bytes", type=int, default=0, help="also cut a shard past this many bytes")
     p.add_argument("--max-side", type=int, default=0,
@@ -50,6 +51,12 @@ def _add_prepare(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
     p.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="refuse images with more pixels (decompression bombs)")
+    p.add_argument("--stage", default=None,
+                   help="--out URL: local folder to write shards into before upload (default: a temp dir)")
+    p.add_argument("--index", default=None, metavar="DIR_OR_URL",
+                   help="write manifest.json for existing WebDataset tars (e.g. img2dataset output), no SRC")
+    p.add_argument("--manifest-out", default=None, metavar="PATH",
+                   help="--index: write the manifest here instead of beside the tars")
     p.set_defaults(module="simscale.data.prepare", issue=3)
 
 

@@ -73,6 +73,11 @@ class DataConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     same_view: bool = False  # ablation switch: view B is view A's crop (and flip)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    # Shards behind a URL (http(s)://, s3://, gs://): see simscale/data/remote.py.
+    io_retries: int = 5  # consecutive transient failures (drop, timeout, 5xx) retried per read
+    io_timeout: float = 60.0  # seconds a connect or a read may stall
+    cache_dir: str = ""  # local cache of remote shards ("" streams them without a copy)
+    cache_gb: float = 50.0  # bound of cache_dir; least recently used shards are evicted past it
 
 
 @dataclass
@@ -397,6 +402,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.embed_dim and model.decoder_dim must be multiples of 4 (2D sin-cos PE)")
     if not 0.0 < cfg.data.mask.ratio < 1.0:
         raise ConfigError(f"data.mask.ratio must lie in (0, 1), got {cfg.data.mask.ratio}")
+    if cfg.data.io_retries < 0 or cfg.data.io_timeout <= 0 or cfg.data.cache_gb <= 0:
+        raise ConfigError("data.io_retries must be >= 0, data.io_timeout and data.cache_gb > 0")
     if cfg.optim.batch_size < 1 or cfg.optim.grad_accum < 1:
         raise ConfigError("optim.batch_size and optim.grad_accum must be >= 1")
     if not 0.0 <= cfg.ema.momentum <= 1.0 or not 0.0 <= cfg.ema.momentum_end <= 1.0:

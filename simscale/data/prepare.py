@@ -12,6 +12,7 @@ Why each choice:
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
 import io
@@ -330,7 +331,39 @@ def prepare(sources: list[str], out: str | Path, opts: Options = Options(), work
             "report": str(out / REPORT)}
 
 
+def _index_main(args) -> int:
+    from rich.console import Console
+
+    from simscale.data.index import index
+
+    if args.sources:
+        raise DataError("--index reads existing tars and takes no SRC: drop the sources, or drop --index")
+    r = index(args.index, args.manifest_out, workers=args.workers or 8)
+    Console(stderr=True).print(f"[green]indexed[/green] {r['samples']} samples in {r['shards']} tars; "
+                               f"manifest: {r['manifest']}")
+    return 0
+
+
 def cli_main(args) -> int:
+    if getattr(args, "index", None):
+        return _index_main(args)
+    if not args.sources or not args.out:
+        raise DataError("prepare needs SRC... and --out DIR_OR_URL (or --index DIR_OR_URL for existing tars)")
+    from simscale.data import remote
+
+    if remote.is_url(args.out):  # write locally, then upload (simscale/data/upload.py)
+        from simscale.data.upload import default_stage, remove_stage, upload
+
+        stage = Path(args.stage) if getattr(args, "stage", None) else default_stage(args.out)
+        cli_main(argparse.Namespace(**dict(vars(args), out=str(stage))))
+        r = upload(stage, args.out)
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[green]uploaded[/green] {r['uploaded']} shards to {args.out} "
+                                   f"({r['skipped']} already there) and manifest.json last")
+        if not getattr(args, "stage", None):
+            remove_stage(stage)
+        return 0
     opts = Options(shard_size=args.shard_size, shard_bytes=args.shard_bytes, max_side=args.max_side,
                    quality=args.quality, shuffle=args.shuffle, seed=args.seed,
                    max_pixels=args.max_pixels)

@@ -7,6 +7,10 @@ Shard format (written by `simscale prepare`): `shard-%06d.tar` holding, per samp
     {"format": "simscale-shards/1", "total": N, "classes": [...] | null,
      "shards": [{"name": "shard-000000.tar", "samples": n, "bytes": b, "sha256": "..."}, ...]}
 
+`spec` may also be a URL (http(s)://, s3://, gs://; see remote.py) of a prepared directory,
+its manifest.json or a brace pattern of tars. A manifest's shard names are relative to it, or
+full URLs/absolute paths (a manifest written with `simscale prepare --index --manifest-out`).
+
 Sample counts come from the manifest (never from reading every tar at start-up), so exact-epoch
 splitting and resume positions can be computed before any data is read.
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import braceexpand
 
+from simscale.data import remote
 from simscale.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -29,6 +34,8 @@ class ShardSet:
     urls: list[str]  # tar paths in manifest (or sorted) order
     counts: list[int] | None  # samples per shard, when a manifest gives them
     classes: list[str] | None = None
+    sizes: list[int | None] | None = None  # bytes per shard, when the manifest gives them
+    sha256: list[str | None] | None = None
 
     @property
     def total(self) -> int | None:
@@ -36,6 +43,8 @@ class ShardSet:
 
 
 def read_manifest(path: str | Path) -> ShardSet:
+    if remote.is_url(path):
+        return _read_remote_manifest(str(path))
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -47,6 +56,10 @@ def read_manifest(path: str | Path) -> ShardSet:
         raise DataError(f"manifest '{path}' has no 'shards' list: is it a simscale manifest?")
     urls, counts = [], []
     for entry in data["shards"]:
+        if remote.is_url(entry["name"]):  # a local manifest of remote tars (prepare --index --manifest-out)
+            urls.append(entry["name"])
+            counts.append(int(entry["samples"]))
+            continue
         url = path.parent / entry["name"]
         if not url.is_file():
             raise DataError(f"shard '{url}' listed in '{path}' is missing: re-run `simscale prepare` "
@@ -55,7 +68,53 @@ def read_manifest(path: str | Path) -> ShardSet:
         counts.append(int(entry["samples"]))
     if not urls:
         raise DataError(f"manifest '{path}' lists no shards: the source held no readable images")
-    return ShardSet(urls, counts, data.get("classes"))
+    return ShardSet(urls, counts, data.get("classes"), *_checks(data))
+
+
+def _checks(data: dict) -> tuple[list, list]:
+    return ([e.get("bytes") for e in data["shards"]], [e.get("sha256") for e in data["shards"]])
+
+
+def _read_remote_manifest(url: str) -> ShardSet:
+    # Shards are not probed one by one (10k HEAD requests at start-up); a missing one is a
+    # one-line DataError when it is opened.
+    try:
+        data = json.loads(remote.read_bytes(url))
+    except DataError as exc:
+        if "not found" in str(exc):
+            raise DataError(f"manifest '{url}' not found: run `simscale prepare ... --out "
+                            f"{url.rsplit('/', 1)[0]}`, or `simscale prepare --index` for existing "
+                            "WebDataset tars") from None
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"manifest '{url}' is not valid JSON: re-run `simscale prepare` to rewrite it") from None
+    if not isinstance(data, dict) or not data.get("shards"):
+        raise DataError(f"manifest '{url}' has no 'shards' list: is it a simscale manifest?")
+    base = url.rsplit("/", 1)[0]
+    urls = [remote.join(base, e["name"]) for e in data["shards"]]
+    counts = [int(e["samples"]) for e in data["shards"]]
+    return ShardSet(urls, counts, data.get("classes"), *_checks(data))
+
+
+def _resolve_url(spec: str) -> ShardSet:
+    if spec.endswith(".json"):
+        return read_manifest(spec)
+    if "{" in spec or spec.endswith(".tar"):
+        return ShardSet(list(braceexpand.braceexpand(spec)), None)
+    base = spec.rstrip("/")
+    try:
+        return read_manifest(f"{base}/{MANIFEST}")
+    except DataError as exc:
+        if "not found" not in str(exc):
+            raise
+    try:
+        urls = remote.list_tars(base)
+    except DataError:
+        urls = []
+    if not urls:
+        raise DataError(f"'{spec}' holds no manifest.json and no listable .tar shards: run "
+                        f"`simscale prepare --index {spec}` (or give a brace pattern of tars)")
+    return ShardSet(urls, None)
 
 
 def write_manifest(out_dir: str | Path, shards: list[dict], classes: list[str] | None, **extra) -> Path:
@@ -73,6 +132,8 @@ def resolve_shards(spec: str) -> ShardSet:
     """`DIR/manifest.json`, `DIR` (its manifest if present, else its *.tar) or `a/shard-{0..9}.tar`."""
     if not spec:
         raise DataError("no shards given: set data.train=DIR (a `simscale prepare` output) or a manifest")
+    if remote.is_url(spec):
+        return _resolve_url(spec)
     path = Path(spec)
     if path.is_dir():
         if (path / MANIFEST).is_file():

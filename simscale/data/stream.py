@@ -40,6 +40,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from simscale.data import remote
 from simscale.data.masking import block_mask
 from simscale.data.photometric import draw_params, sigma_range_for
 from simscale.data.shards import ShardSet, resolve_shards
@@ -81,7 +82,7 @@ def sample_rngs(seed: int, epoch: int, index: int) -> list[np.random.Generator]:
 
 def _read_shard(url: str, skip: int = 0) -> Iterator[dict]:
     """Samples of one tar in stored order; the first `skip` are read but never decoded."""
-    with open(url, "rb") as f:
+    with remote.open_shard(url) as f:  # a local file, or a URL streamed with retries (remote.py)
         members = (dict(m, __url__=url) for m in tar_file_iterator(f))
         for n, sample in enumerate(group_by_keys(members)):
             if n >= skip:
@@ -110,6 +111,7 @@ class _Plan:
     color_aug: bool
     sigma_range: tuple[float, float]
     interleave: int = 1
+    io: remote.IOOptions | None = None  # remote shard I/O (retries, cache), set in each worker
 
     def slot_batches(self, slot: int) -> int:
         return max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
@@ -153,7 +155,7 @@ class _Plan:
     # ------------------------------------------------------------------ decoded batches
     def _decode(self, epoch: int, index: int, sample: dict) -> dict:
         crop_rng, mask_rng, photo_rng = sample_rngs(self.seed, epoch, index)
-        data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
+        data = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
         if data is None:
             raise DataError(f"sample '{sample.get('__key__')}' in '{sample.get('__url__', '?')}' "
                             "has no .jpg: shards must come from `simscale prepare`")
@@ -219,6 +221,7 @@ class _EpochBatches(IterableDataset):
         self.plan, self.epoch, self.skip, self.workers = plan, epoch, skip, max(1, workers)
 
     def __iter__(self):
+        remote.configure(self.plan.io)
         info = get_worker_info()
         wid = info.id if info is not None else 0
         first = self.skip + wid  # the DataLoader asks worker 0 first, then round-robin
@@ -228,12 +231,23 @@ class _EpochBatches(IterableDataset):
         return self.plan.batches(self.epoch, slot, first // self.plan.slots)
 
 
+def io_options(d) -> remote.IOOptions:
+    """Remote shard I/O options from the data config (data.io_*, data.cache_*)."""
+    return remote.IOOptions(retries=d.io_retries, timeout=d.io_timeout, cache_dir=d.cache_dir,
+                            cache_bytes=int(d.cache_gb * 2**30))
+
+
 class TwoViewStream:
     """Batches of two views + geometry + mask + photometric parameters for one rank."""
 
     def __init__(self, cfg, rank: int = 0, world_size: int = 1):
         d = cfg.data
+        io = io_options(d)
+        remote.configure(io)  # before resolve_shards: a remote manifest is read with these
         self.shards: ShardSet = resolve_shards(d.train)
+        if self.shards.sizes:
+            io.expected = {u: (b, h) for u, b, h in zip(self.shards.urls, self.shards.sizes,
+                                                        self.shards.sha256 or [None] * len(self.shards.urls))}
         self.rank, self.world_size = rank, world_size
         self.num_workers = d.num_workers
         B = cfg.optim.batch_size
@@ -267,7 +281,8 @@ class TwoViewStream:
             crop=TwoViewCrop(m.img_size, tuple(d.crop_scale), tuple(d.crop_ratio), d.same_view),
             mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,
             min_aspect=d.mask.min_aspect, color_aug=d.color_aug,
-            sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)), interleave=d.shard_interleave)
+            sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)), interleave=d.shard_interleave,
+            io=io)
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """Batches skip, skip+1, ... of `epoch` for this rank; ends after batches_per_epoch."""

@@ -23,7 +23,9 @@ import torch
 import webdataset as wds
 from torch import nn
 from torchvision import transforms
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from simscale.data.remote import open_shard
 from simscale.data.shards import ShardSet, resolve_shards
 from simscale.errors import CheckpointError, DataError
 
@@ -83,10 +85,6 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def _every_shard(urls):
-    return urls
-
-
 def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
     resize = int(math.floor(img_size * 256 / 224 + 0.5))
     return transforms.Compose([
@@ -105,7 +103,7 @@ class _ImageAndLabel:
         self.transform = transform
 
     def __call__(self, sample: dict):
-        image = sample.get("jpg", sample.get("jpeg", sample.get("png")))
+        image = sample.get("jpg", sample.get("jpeg", sample.get("png", sample.get("webp"))))
         label = sample.get("cls")
         # Unlabelled or imageless samples are flagged (-1) rather than raised here: an error
         # inside a DataLoader worker would reach the user as a multi-line traceback.
@@ -120,12 +118,20 @@ def _collate(items):
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+def _opened(entries):
+    """webdataset's url_opener stage, through simscale's opener: local paths and URLs (remote.py)."""
+    for entry in entries:
+        with open_shard(entry["url"]) as stream:  # closed once the expander asks for the next shard
+            yield dict(entry, stream=stream)
+
+
 def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
     # Every process reads every shard, in order: evaluation is not split across ranks.
-    dataset = (
-        wds.WebDataset(shards.urls, shardshuffle=False, nodesplitter=_every_shard, empty_check=False)
-        .decode("pil")
-        .map(_ImageAndLabel(transform))
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList(shards.urls), wds.split_by_worker,
+        _opened, tar_file_expander, group_by_keys,
+        wds.decode("pil"),
+        wds.map(_ImageAndLabel(transform)),
     )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(shards.urls)),
                                        collate_fn=_collate)
