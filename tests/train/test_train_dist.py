@@ -85,3 +85,15 @@ def test_gradient_accumulation_steps_once_per_accum_micro_batches(results):
 
 def test_activation_checkpointing_under_zero3_gives_the_same_losses(results):
     assert results[0]["z3_ckpt"]["losses"] == pytest.approx(results[0]["smoke_z3_fp32"]["losses"], rel=1e-6)
+
+
+def test_throughput_is_averaged_over_the_logging_window(results):
+    r = results[0]["window"]
+    rec = {x["step"]: x for x in r["records"] if "images_per_s" in x}
+    assert sorted(rec) == [0, 5, 9], sorted(rec)
+    # window of step 5 = steps 1..5 and holds the slow step: its mean step time carries 1/5 of it
+    assert rec[5]["step_time"] >= r["slow_s"] / 5
+    assert rec[9]["step_time"] < rec[5]["step_time"]  # steps 6..9: no slow step
+    for x in rec.values():
+        assert x["images_per_s"] * x["step_time"] == pytest.approx(r["global_batch"], rel=1e-9)
+        assert x["mfu"] is None and x["hfu"] is None  # no peak figure on CPU
