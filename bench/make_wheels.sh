@@ -40,5 +40,6 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-
   --platform manylinux1_x86_64 --platform any \
   $DOWNLOADED -d "$DEST"
 ls -l "$DEST"
-echo "make_wheels: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -sk "$DEST" | cut -f1) KiB in $DEST for CPython $PYV" \
+whl=("$DEST"/*.whl)
+echo "make_wheels: ${#whl[@]} wheels, $(du -sk "$DEST" | cut -f1) KiB in $DEST for CPython $PYV" \
   "in $(( $(date +%s) - start )) s"

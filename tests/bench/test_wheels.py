@@ -111,3 +111,4 @@ def test_resolution_fails_when_a_wheel_is_missing(tmp_path):
     proc = resolve(partial, tmp_path / "image", tmp_path)
     assert proc.returncode != 0
     assert "pydantic" in (proc.stdout + proc.stderr).lower()
+
