@@ -26,15 +26,15 @@ done
 OUT=${OUT:-bench/out}
 PY=${PYTHON:-python3}
 if [ "$MODE" = cpu ]; then
-  WHEELS=${WHEELS:-bench/wheels-host}; BUDGET_S=240; LIMIT_S=300; ARGS=(--cpu --fake-oom-above 16)
+  WHEELS=${WHEELS:-bench/wheels-host}; BUDGET_S=600; LIMIT_S=700; ARGS=(--cpu --fake-oom-above 16)
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   WHEELS=${WHEELS:-bench/wheels}; BUDGET_S=400; LIMIT_S=440; ARGS=()
   export DS_ACCELERATOR=cuda
 fi
 mkdir -p "$OUT"
-LOG="$OUT/gpu_bench.log"
-exec > >(tee "$LOG") 2>&1
+
+main() {
 start=$(date +%s)
 echo "gpu.sh: mode $MODE, $(date -u), $($PY --version 2>&1), wheels from $WHEELS"
 
@@ -76,4 +76,9 @@ rc=0
 timeout -k 10 "$LIMIT_S" "$PY" bench/gpu_bench.py --out "$OUT" --budget-s "$BUDGET_S" "${ARGS[@]}" ${BENCH_ARGS:-} || rc=$?
 rm -rf "$SITE"
 echo "gpu.sh: rc $rc, $(( $(date +%s) - start )) s in all; $OUT: $(cd "$OUT" && echo *)"
-exit $rc
+return $rc
+}
+
+# everything printed also lands in $OUT/gpu_bench.log (tee ends before the script does)
+main 2>&1 | tee "$OUT/gpu_bench.log"
+exit "${PIPESTATUS[0]}"
