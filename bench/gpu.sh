@@ -26,7 +26,7 @@ done
 OUT=${OUT:-bench/out}
 PY=${PYTHON:-python3}
 if [ "$MODE" = cpu ]; then
-  WHEELS=${WHEELS:-bench/wheels-host}; BUDGET_S=600; LIMIT_S=700; ARGS=(--cpu --fake-oom-above 16)
+  WHEELS=${WHEELS:-bench/wheels-host}; BUDGET_S=1200; LIMIT_S=1300; ARGS=(--cpu --fake-oom-above 16)
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   WHEELS=${WHEELS:-bench/wheels}; BUDGET_S=400; LIMIT_S=440; ARGS=()
