@@ -1,92 +1,84 @@
 #!/usr/bin/env bash
-# ViT-L/16 SIM training steps on one NVIDIA GPU: bf16, with and without activation checkpointing,
-# at a few micro-batch sizes; img/s, TFLOP/s, MFU and peak memory per run (bench/step_bench.py).
+# GPU first contact in one call: install the carried wheels, check every import, then ONE Python
+# process (bench/gpu_bench.py): ViT-L/16 SIM bf16 throughput sweep (ZeRO-2/3, activation
+# checkpointing on/off, batch 64, 128, ... until OOM), a kernel profile of the best point and a
+# 20-step `simscale train` killed and resumed. At most 8 minutes; 3 files under $OUT.
 #
-#   bash bench/gpu.sh               # on the GPU machine, from the repository root; < 8 minutes
-#   bash bench/gpu.sh --dry-run     # print what it would run, run nothing
-#   bash bench/gpu.sh --cpu         # the same script on CPU: tiny preset, fp32 (checks the path)
+#   bash bench/gpu.sh          # on the GPU machine, from the repository root; carry bench/wheels
+#   bash bench/gpu.sh --cpu    # the rehearsal: the same lines on CPU (tiny preset, fp32,
+#                              # bench/wheels-host); also GPU_BENCH_CPU=1
 #
-# Installs what is missing first: deepspeed/webdataset/braceexpand/hjson from bench/wheels/*.whl
-# (made by bench/make_wheels.sh) when deepspeed does not import, and simscale itself (-e, no deps).
-# Each run has its own timeout; an OOM, a timeout or a crash prints one JSON line with "error" and
-# the script goes on. Results: one JSON line per run on stdout and in $OUT/gpu_bench.jsonl
-# (OUT defaults to bench/out).
-# Env: BATCHES="32 64 128", CKPTS="1 0", PER_RUN_S=65, STEPS=6, WARMUP=2,
-#      OPTIM=torch_fused (torch.optim.AdamW(fused=True) inside DeepSpeed; OPTIM=simscale uses the
-#      trainer's config, i.e. DeepSpeed FusedAdam, which JIT-compiles with nvcc on first use).
-set -u
+# Wheels: `bash bench/make_wheels.sh` (CPython 3.12, the GPU image's) and
+# `bash bench/make_wheels.sh host bench/wheels-host` (this Python, for the rehearsal).
+# They go into a fresh temp dir on PYTHONPATH, never into the machine's own environment.
+# Files: $OUT/gpu_bench.log (everything printed), $OUT/gpu_bench.json, $OUT/profile.txt.
+# Env: OUT (default bench/out), PYTHON (default python3), WHEELS, BENCH_ARGS (more gpu_bench.py args).
+set -euo pipefail
 cd "$(dirname "$0")/.."
-
-DRY=0; MODE=gpu
+MODE=gpu
+[ "${GPU_BENCH_CPU:-0}" = 1 ] && MODE=cpu
 for a in "$@"; do
   case "$a" in
-    --dry-run) DRY=1 ;;
     --cpu) MODE=cpu ;;
-    *) echo "unknown argument: $a" >&2; exit 2 ;;
+    *) echo "gpu.sh: unknown argument $a (only --cpu)" >&2; exit 2 ;;
   esac
 done
-
 OUT=${OUT:-bench/out}
-PER_RUN_S=${PER_RUN_S:-65}
-STEPS=${STEPS:-6}
-WARMUP=${WARMUP:-2}
-OPTIM=${OPTIM:-torch_fused}
-if [ "$MODE" = gpu ]; then
-  PRESET=vit_l16; PRECISION=bf16; DEVICE=auto
-  BATCHES=${BATCHES:-"32 64 128"}; CKPTS=${CKPTS:-"1 0"}
+PY=${PYTHON:-python3}
+if [ "$MODE" = cpu ]; then
+  WHEELS=${WHEELS:-bench/wheels-host}; BUDGET_S=1200; LIMIT_S=1300; ARGS=(--cpu --fake-oom-above 16)
+  export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
-  PRESET=tiny; PRECISION=fp32; DEVICE=cpu; OPTIM=simscale
-  BATCHES=${BATCHES:-"8 16"}; CKPTS=${CKPTS:-"1 0"}; STEPS=${STEPS:-3}
+  WHEELS=${WHEELS:-bench/wheels}; BUDGET_S=400; LIMIT_S=440; ARGS=()
+  export DS_ACCELERATOR=cuda
 fi
-PY=${PYTHON:-python}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # simscale importable even if the editable install fails
-JSONL="$OUT/gpu_bench.jsonl"
+mkdir -p "$OUT"
 
-run() {  # echo, and run unless --dry-run
-  echo "+ $*" >&2
-  [ "$DRY" = 1 ] || "$@"
+main() {
+start=$(date +%s)
+echo "gpu.sh: mode $MODE, $(date -u), $($PY --version 2>&1), wheels from $WHEELS"
+
+# 1. install: --no-index (no registry there), --no-deps (the set is complete: tests/bench/test_wheels.py)
+ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu.sh: no wheels in $WHEELS: run bench/make_wheels.sh and carry it"; exit 3; }
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/simscale_site.XXXXXX")
+PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl
+export PYTHONPATH="$PWD:$SITE"
+export SIMSCALE_NO_PROGRESS=1 PYTHONUNBUFFERED=1
+whl=("$WHEELS"/*.whl)
+echo "gpu.sh: installed ${#whl[@]} wheels into $SITE in $(( $(date +%s) - start )) s"
+
+# 2. every import, from where it must come, in seconds
+timeout 120 "$PY" - "$SITE" "$MODE" <<'EOF'
+import sys, time
+t0 = time.time()
+site, mode = sys.argv[1], sys.argv[2]
+import torch, timm, webdataset, deepspeed, pydantic, hjson, simscale
+from simscale.train.distributed import check_cuda_usable
+for mod in (deepspeed, webdataset, pydantic, hjson):
+    assert mod.__file__.startswith(site), f"{mod.__name__} imported from {mod.__file__}, not {site}"
+print(f"imports: torch {torch.__version__} (CUDA {torch.version.cuda}), timm {timm.__version__}, "
+      f"deepspeed {deepspeed.__version__}, webdataset, pydantic {pydantic.VERSION}, simscale {simscale.__file__}")
+check_cuda_usable()  # GPUs visible but unusable: one line, exit
+if mode == "gpu":
+    if not torch.cuda.is_available():
+        sys.exit("gpu.sh: torch sees no CUDA device")
+    x = torch.ones(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    print(f"cuda: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB, "
+          f"bf16 matmul ok ({float((x @ x)[0, 0])})")
+print(f"imports checked in {time.time() - t0:.1f} s")
+EOF
+
+# 3. one process: sweep, profile, trainer smoke (its own budget; a hard limit above it)
+rc=0
+# shellcheck disable=SC2086  # BENCH_ARGS: several words on purpose
+timeout -k 10 "$LIMIT_S" "$PY" bench/gpu_bench.py --out "$OUT" --budget-s "$BUDGET_S" "${ARGS[@]}" ${BENCH_ARGS:-} || rc=$?
+rm -rf "$SITE"
+echo "gpu.sh: rc $rc, $(( $(date +%s) - start )) s in all; $OUT: $(cd "$OUT" && echo *)"
+return $rc
 }
 
-start=$(date +%s)
-if [ "$DRY" = 0 ]; then
-  mkdir -p "$OUT"
-  if ! $PY -c "import deepspeed" 2>/dev/null; then
-    if ls bench/wheels/*.whl >/dev/null 2>&1; then
-      run $PY -m pip install -q --no-deps bench/wheels/*.whl
-    else
-      echo "deepspeed is missing and bench/wheels/ has no wheels (run bench/make_wheels.sh where a registry is reachable)" >&2
-      exit 1
-    fi
-  fi
-  $PY -c "import simscale" 2>/dev/null || run $PY -m pip install -q -e . --no-deps --no-build-isolation
-  $PY - <<'EOF' >&2
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device",
-      torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-EOF
-fi
-
-for ckpt in $CKPTS; do
-  for b in $BATCHES; do
-    log="$OUT/run_${PRESET}_b${b}_ckpt${ckpt}.log"
-    cmd=(timeout --kill-after=10 "$PER_RUN_S" "$PY" bench/step_bench.py --device "$DEVICE" --preset "$PRESET"
-         --precision "$PRECISION" --batch "$b" --ckpt "$ckpt" --steps "$STEPS" --warmup "$WARMUP"
-         --optimizer "$OPTIM" --json "$JSONL")
-    if [ "$DRY" = 1 ]; then echo "+ ${cmd[*]}"; continue; fi
-    echo "+ ${cmd[*]}" >&2
-    "${cmd[@]}" >"$log" 2>&1
-    rc=$?
-    if [ $rc -eq 0 ]; then
-      tail -n 1 "$log"
-    else
-      if grep -qiE "out of memory|OutOfMemoryError" "$log"; then why=oom
-      elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then why="timeout ${PER_RUN_S}s"
-      else why="rc=$rc: $(grep -E 'Error|error' "$log" | tail -n 1 | tr '"\\' "'/" | cut -c1-200)"; fi
-      line="{\"preset\": \"$PRESET\", \"batch\": $b, \"grad_ckpt\": $ckpt, \"precision\": \"$PRECISION\", \"error\": \"$why\"}"
-      echo "$line"; echo "$line" >>"$JSONL"
-      # an OOM without checkpointing at batch b means larger batches OOM as well: skip them
-      [ "$why" = oom ] && break
-    fi
-  done
-done
-echo "gpu.sh: $(( $(date +%s) - start )) s in all; results in $JSONL" >&2
+# everything printed also lands in $OUT/gpu_bench.log (tee ends before the script does)
+main 2>&1 | tee "$OUT/gpu_bench.log"
+exit "${PIPESTATUS[0]}"

@@ -15,3 +15,7 @@ class DataError(SimscaleError):
 
 class CheckpointError(SimscaleError):
     """A missing, truncated or incompatible checkpoint."""
+
+
+class DeviceError(SimscaleError):
+    """GPUs are present but this torch cannot use them (driver too old, CPU-only build, ...)."""

@@ -53,7 +53,8 @@ class Encoder(nn.Module):
         self.patch_embed.requires_grad_(not m.freeze_patch_embed)  # frozen at init (MoCo-v3 trick)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, m.embed_dim))
         nn.init.normal_(self.cls_token, std=0.02)
-        pe = torch.cat([torch.zeros(1, m.embed_dim), abs_pos_embed_2d(self.grid, m.embed_dim)])
+        # cls row of zeros by padding: torch.zeros would be bf16 under zero.Init (see pos_embed.py)
+        pe = nn.functional.pad(abs_pos_embed_2d(self.grid, m.embed_dim), (0, 0, 1, 0))
         self.register_buffer("pos_embed", pe.unsqueeze(0), persistent=False)  # [1, 1+G*G, C], timm layout
         rates = [m.drop_path * i / max(m.depth - 1, 1) for i in range(m.depth)]  # timm's linear rule
         self.blocks = nn.ModuleList(

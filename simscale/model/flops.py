@@ -3,7 +3,8 @@
 Counted: every matmul (Linear, patch-embedding conv, attention's QK^T and AV), forward and
 backward; not counted: norms, softmax, GELU, adds (a few % of a ViT's time, not of its FLOPs).
 - online encoder blocks on 1+V tokens: forward + backward = 3x forward, + the recomputation
-  under activation checkpointing (one forward less each block's fc2, see `_recompute`);
+  under activation checkpointing (one forward less each block's fc2, see `_recompute`): counted
+  in `train_flops_per_sample` (hardware FLOPs, HFU), not in `model_flops_per_sample` (MFU);
 - online patch embedding: forward only (frozen, input needs no gradient);
 - projector on 1+V tokens and predictor blocks on 1+V+N tokens, head on N tokens: 3x forward;
   the relative-embedding Linear(2D->D): 2x (its input needs no gradient: weight gradient only);
@@ -82,5 +83,13 @@ def train_flops_breakdown(cfg: Config) -> dict[str, int]:
 
 
 def train_flops_per_sample(cfg: Config) -> int:
-    """FLOPs of one training step per image (online fwd+bwd, target fwd, loss)."""
+    """FLOPs of one training step per image (online fwd+bwd, target fwd, loss), as executed:
+    activation recomputation included when checkpointing is on. The numerator of HFU."""
     return train_flops_breakdown(cfg)["total"]
+
+
+def model_flops_per_sample(cfg: Config) -> int:
+    """FLOPs the training step needs per image without any recomputation: the numerator of MFU
+    (the same for a run with and without activation checkpointing)."""
+    total = train_flops_per_sample(cfg)
+    return total - _recompute(cfg) if cfg.model.grad_checkpointing else total

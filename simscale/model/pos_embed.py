@@ -1,22 +1,28 @@
 """Fixed sin-cos position embeddings: absolute (2D grid) and SIM's relative position + scale.
 
 Both are plain functions computed in float32 with elementwise ops only (no matmul), so autocast
-never lowers their precision. Layout for a width-d 2D embedding: K = d/4 frequencies
+never lowers their precision. The frequencies and the absolute table are computed in numpy
+float64 and only then made float32 tensors: `deepspeed.zero.Init` with bf16 patches torch's
+constructors (torch.arange, torch.zeros, ...) to return bf16 even when float32 is asked for, and a
+table built from them under ZeRO-3 would differ from the one `simscale export` rebuilds. Layout for a width-d 2D embedding: K = d/4 frequencies
 w_k = 10000^(-k/K), k = 0..K-1, and [sin(r w), cos(r w), sin(c w), cos(c w)] (row half first),
 patches in row-major order.
 """
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 from torch import Tensor
 
 
+def _frequencies_f64(num: int) -> np.ndarray:
+    """w_k = 10000^(-k/K) for k = 0..K-1, float64 (numpy: untouched by DeepSpeed's patching)."""
+    return np.exp(np.arange(num, dtype=np.float64) * (-np.log(10000.0) / num))
+
+
 def _frequencies(num: int, device=None) -> Tensor:
-    """w_k = 10000^(-k/K) for k = 0..K-1, float32."""
-    k = torch.arange(num, dtype=torch.float32, device=device)
-    return torch.exp(k * (-math.log(10000.0) / num))
+    """w_k as a float32 tensor (`.to` is not patched by zero.Init; the constructors are)."""
+    return torch.from_numpy(_frequencies_f64(num)).to(device=device, dtype=torch.float32)
 
 
 def _axis_embed(pos: Tensor, omega: Tensor) -> Tensor:
@@ -32,11 +38,15 @@ def _check_dim(dim: int) -> int:
 
 
 def abs_pos_embed_2d(grid: int, dim: int, device=None) -> Tensor:
-    """Absolute 2D sin-cos embedding of a grid x grid patch grid: [grid*grid, dim] float32."""
-    omega = _frequencies(_check_dim(dim), device)
-    idx = torch.arange(grid * grid, device=device)
-    rows, cols = idx // grid, idx % grid
-    return torch.cat([_axis_embed(rows, omega), _axis_embed(cols, omega)], dim=-1)
+    """Absolute 2D sin-cos embedding of a grid x grid patch grid: [grid*grid, dim] float32
+    (computed in float64, rounded once)."""
+    omega = _frequencies_f64(_check_dim(dim))
+    idx = np.arange(grid * grid)
+    parts = []
+    for pos in (idx // grid, idx % grid):
+        angles = pos[:, None].astype(np.float64) * omega
+        parts += [np.sin(angles), np.cos(angles)]
+    return torch.from_numpy(np.concatenate(parts, axis=-1)).to(device=device, dtype=torch.float32)
 
 
 def view_b_positions(geometry: Tensor, grid: int) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,7 @@
 torch's SyncBatchNorm refuses CPU tensors, so this is a small autograd Function: forward
 all-reduces (sum, sum of squares, count) once, backward all-reduces (sum dy, sum dy*xhat) once.
 Statistics and gradients are computed in float32 whatever the input dtype. With no process group
-(or world size 1) the module is plain `F.batch_norm`.
+(or world size 1) the module is plain `F.batch_norm` when input, weights and statistics share a dtype.
 """
 from __future__ import annotations
 
@@ -83,14 +83,18 @@ class TokenBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        # bf16 under ZeRO-1/2 leaves the running statistics float32 next to bf16 weights, a mix
+        # F.batch_norm refuses: then float32 math, as the synced path does.
+        same = x2.dtype == self.weight.dtype == self.running_mean.dtype
         if not self.training:
-            y = F.batch_norm(x2, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-            return y.reshape(shape)
-        if _world_size() == 1:
+            args = (self.running_mean, self.running_var, self.weight, self.bias)
+            y = F.batch_norm(x2 if same else x2.float(), *(a if same else a.float() for a in args), False, 0.0, self.eps)
+            return y.to(x.dtype).reshape(shape)
+        if _world_size() == 1 and same:
             y = F.batch_norm(x2, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps)
             self.num_batches_tracked.add_(1)
             return y.reshape(shape)
-        y, mean, var = SyncBatchNormFunction.apply(x2, self.weight, self.bias, self.eps, True)
+        y, mean, var = SyncBatchNormFunction.apply(x2, self.weight, self.bias, self.eps, _world_size() > 1)
         with torch.no_grad():
             n = x2.shape[0] * _world_size()
             unbiased = var * (n / max(n - 1, 1))

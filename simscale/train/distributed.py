@@ -12,8 +12,11 @@ import socket
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
+
+from simscale.errors import DeviceError
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,43 @@ def skip_cpu_shm_comm_build() -> None:
     module.build_shm_op = lambda: None
 
 
+def visible_nvidia_gpus() -> list[str]:
+    """What says this machine has NVIDIA GPUs, whatever torch thinks: device nodes, the driver's list."""
+    found = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir():
+        found += sorted(str(p) for p in gpus.iterdir())
+    return found
+
+
+def check_cuda_usable() -> None:
+    """Stop in one line when GPUs are there but torch cannot use them, instead of training on CPU.
+
+    CPU on purpose (DS_ACCELERATOR=cpu, or CUDA_VISIBLE_DEVICES empty / -1) is never stopped.
+    """
+    env = os.environ
+    if env.get("DS_ACCELERATOR") == "cpu" or env.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return
+    if torch.cuda.is_available():
+        return
+    gpus = visible_nvidia_gpus()
+    if not gpus:
+        return
+    if torch.version.cuda is None:
+        why = "this torch is a CPU-only build"
+    else:
+        try:
+            torch.cuda.init()
+            why = "torch.cuda.is_available() is False"
+        except Exception as exc:  # the driver's own reason, e.g. too old for this CUDA build
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise DeviceError(
+        f"NVIDIA GPUs are visible ({gpus[0]}) but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+        f"cannot use them: {why}; install a torch build that matches the driver, or set DS_ACCELERATOR=cpu "
+        "to train on CPU on purpose"
+    )
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU)."""
     import deepspeed
@@ -76,6 +116,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local))
+    check_cuda_usable()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)

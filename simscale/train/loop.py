@@ -67,7 +67,7 @@ class Trainer:
         import deepspeed
 
         from simscale.data.stream import TwoViewStream
-        from simscale.model.flops import train_flops_per_sample
+        from simscale.model.flops import model_flops_per_sample, train_flops_per_sample
         from simscale.model.sim import SIM
 
         self.info = dist_info or init_distributed()
@@ -108,7 +108,8 @@ class Trainer:
                                                     config=self.ds_config)
         self.model = self.engine.module
         self.ema = ShardedEMA(self.model.ema_pairs())
-        self.flops_per_sample = train_flops_per_sample(self.cfg)
+        self.flops_per_sample = train_flops_per_sample(self.cfg)  # executed: HFU
+        self.model_flops_per_sample = model_flops_per_sample(self.cfg)  # without recomputation: MFU
         self.peak = device_peak_flops()
         self.state = LoopState()
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
@@ -228,6 +229,7 @@ class Trainer:
         batches = self._batches()
         global_batch = cfg.optim.batch_size * self.accum * self.info.world_size
         self.engine.train()
+        window = [0, 0.0, 0.0]  # steps, step seconds, data-wait seconds since the last logged step
         try:
             if self.knn is not None and s.step == 0:
                 self.evaluate()  # the curve starts at the initialisation (the random-init baseline)
@@ -235,6 +237,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 m = self.train_step(batches)
                 dt = time.perf_counter() - t0
+                window = [window[0] + 1, window[1] + dt, window[2] + m.pop("data_time")]
                 step = s.step - 1
                 if not m["applied"]:
                     self.sink.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
@@ -248,10 +251,16 @@ class Trainer:
                             f"no weights); {where}: lower optim.base_lr or check the data"
                         )
                 if step % cfg.log.every == 0 or s.step == total:
-                    achieved = self.flops_per_sample * global_batch / dt / self.info.world_size
-                    m.update(images_per_s=global_batch / dt, step_time=dt, data_wait=m.pop("data_time") / dt,
+                    # averages over the logging window, not the last step alone
+                    n, span, wait = window
+                    window = [0, 0.0, 0.0]
+                    images_per_s = global_batch * n / span
+                    achieved = self.flops_per_sample * images_per_s / self.info.world_size
+                    model_achieved = self.model_flops_per_sample * images_per_s / self.info.world_size
+                    m.update(images_per_s=images_per_s, step_time=span / n, data_wait=wait / span,
                              tflops_per_device=achieved / 1e12,
-                             mfu=achieved / self.peak if self.peak else None, memory_gb=memory_gb(),
+                             mfu=model_achieved / self.peak if self.peak else None,
+                             hfu=achieved / self.peak if self.peak else None, memory_gb=memory_gb(),
                              epoch=s.epoch)
                     self.sink.log(step, m)
                 else:

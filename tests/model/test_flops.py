@@ -10,7 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from simscale.config import build_config
-from simscale.model.flops import forward_flops_breakdown, train_flops_breakdown, train_flops_per_sample
+from simscale.model.flops import (forward_flops_breakdown, model_flops_per_sample, train_flops_breakdown,
+                                  train_flops_per_sample)
 from simscale.model.sim import SIM
 
 TOLERANCE = 0.01
@@ -63,3 +64,12 @@ def test_vit_b16_release_is_in_the_expected_range():
     with_ckpt = build_config("vit_b16", overrides=["model.grad_checkpointing=true"])
     extra = train_flops_per_sample(with_ckpt) - parts["total"]
     assert 0.6 * parts["online_encoder"] / 3 < extra < parts["online_encoder"] / 3
+
+
+def test_model_flops_leave_recomputation_out_hardware_flops_count_it():
+    """MFU's numerator is the same with and without checkpointing; HFU's grows by the recompute."""
+    plain = build_config("vit_l16", overrides=["model.grad_checkpointing=false"])
+    ckpt = build_config("vit_l16", overrides=["model.grad_checkpointing=true"])
+    assert model_flops_per_sample(plain) == train_flops_per_sample(plain)
+    assert model_flops_per_sample(ckpt) == train_flops_per_sample(plain)
+    assert train_flops_per_sample(ckpt) > model_flops_per_sample(ckpt)

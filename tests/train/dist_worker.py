@@ -100,6 +100,26 @@ def nan_check(shards, out) -> dict:
             "streak_error": streak_error}
 
 
+def window_check(shards, out, slow_s: float = 3.0) -> dict:
+    """Logged img/s and step time average the whole logging window: one slow step (step 2, not a
+    logged one) shows in the line of step 5 (window steps 1-5)."""
+    import time
+
+    t = make(shards, out, "window", "optim.max_steps=10", "log.every=5")
+    real_step = t.train_step
+
+    def train_step(batches):
+        if t.state.step == 2:
+            time.sleep(slow_s)
+        return real_step(batches)
+
+    t.train_step = train_step
+    t.fit()
+    records = [json.loads(line) for line in (out / "window" / "metrics.jsonl").read_text().splitlines()] \
+        if INFO.is_main else []
+    return {"records": records, "slow_s": slow_s, "global_batch": 4 * INFO.world_size}
+
+
 if __name__ == "__main__":
     shards, out = sys.argv[1], Path(sys.argv[2])
     INFO = init_distributed()
@@ -116,6 +136,7 @@ if __name__ == "__main__":
     state = accum.fit()
     results["accum"] = {"losses": state.losses, "micro_in_epoch": state.micro_in_epoch,
                         "global_steps": accum.engine.global_steps}
+    results["window"] = window_check(shards, out)
     # The online k-NN monitor under ZeRO-3: every rank takes part in every forward (no hang) and
     # all ranks agree on the top-1 (features are all-gathered).
     knn = make(shards, out, "knn_z3", "deepspeed.zero_stage=3", "optim.max_steps=2", "eval.every=1",

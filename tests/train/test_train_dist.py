@@ -92,3 +92,15 @@ def test_online_knn_runs_under_zero3_and_ranks_agree(results):
     for key in ("knn_online_top1", "knn_target_top1"):
         assert 0.0 <= a[key] <= 100.0
         assert a[key] == b[key]
+
+
+def test_throughput_is_averaged_over_the_logging_window(results):
+    r = results[0]["window"]
+    rec = {x["step"]: x for x in r["records"] if "images_per_s" in x}
+    assert sorted(rec) == [0, 5, 9], sorted(rec)
+    # window of step 5 = steps 1..5 and holds the slow step: its mean step time carries 1/5 of it
+    # (0.6 s; step 5 alone, as logged before, takes ~0.1 s)
+    assert rec[5]["step_time"] >= r["slow_s"] / 5
+    for x in rec.values():
+        assert x["images_per_s"] * x["step_time"] == pytest.approx(r["global_batch"], rel=1e-9)
+        assert x["mfu"] is None and x["hfu"] is None  # no peak figure on CPU

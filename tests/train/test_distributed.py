@@ -1,0 +1,45 @@
+"""GPUs present but unusable by torch: one line (DeviceError), never a silent CPU run."""
+import pytest
+import torch
+
+from simscale.errors import DeviceError, SimscaleError
+from simscale.train import distributed
+
+
+@pytest.fixture
+def gpus_visible(monkeypatch):
+    monkeypatch.setattr(distributed, "visible_nvidia_gpus", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_driver_too_old_stops_with_its_reason(gpus_visible, monkeypatch):
+    def init():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12020).\nmore")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "init", init)
+    with pytest.raises(DeviceError) as exc:
+        distributed.init_distributed()  # stops before any process group is made
+    msg = str(exc.value)
+    assert isinstance(exc.value, SimscaleError) and "\n" not in msg
+    assert "/dev/nvidia0" in msg and "driver on your system is too old" in msg and "DS_ACCELERATOR=cpu" in msg
+
+
+def test_cpu_only_torch_on_a_gpu_machine(gpus_visible, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceError, match="CPU-only build"):
+        distributed.check_cuda_usable()
+
+
+@pytest.mark.parametrize("env", [{"DS_ACCELERATOR": "cpu"}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"}])
+def test_cpu_on_purpose_is_not_stopped(gpus_visible, monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    distributed.check_cuda_usable()
+
+
+def test_no_gpu_no_error(monkeypatch):
+    monkeypatch.setattr(distributed, "visible_nvidia_gpus", lambda: [])
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    distributed.check_cuda_usable()
