@@ -8,6 +8,7 @@ count it, skip the EMA, and stop after a configured streak.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -128,13 +129,15 @@ class Trainer:
         check_compatible(read_meta(tag_dir)["config"], to_dict(self.cfg), tag_dir)
         saved = self.ckpt.load(self.engine, tag_dir)
         self.ema.load_state_dict(saved["ema"])
-        self.state = saved["loop"]
+        known = {f.name for f in dataclasses.fields(LoopState)}
+        self.state = LoopState(**{k: v for k, v in saved["loop"].items() if k in known})
         _set_rng(saved["rng"])
+        self.sink.drop_from(self.state.step)  # the steps about to be replayed are logged again
         self.sink.print(f"resumed from {tag_dir} at step {self.state.step} "
                         f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
 
     def save(self) -> Path:
-        state = {"loop": self.state, "ema": self.ema.state_dict(), "rng": self.state.rng()}
+        state = {"loop": dataclasses.asdict(self.state), "ema": self.ema.state_dict(), "rng": self.state.rng()}
         meta = {"config": to_dict(self.cfg), "ema_layout": self.ema.state_dict()["layout"]}
         return self.ckpt.save(self.engine, self.state.step, state, meta)
 
