@@ -36,8 +36,10 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="turn images (folders, file lists, tars) into WebDataset shards",
                        description="Write WebDataset shards + manifest.json from image folders, "
                        "class folders, text files of paths (optionally 'path label') or existing tars.")
-    p.add_argument("sources", nargs="+", metavar="SRC", help="folder, .txt file list or .tar file")
-    p.add_argument("--out", required=True, help="output directory for shard-%%06d.tar and manifest.json")
+    p.add_argument("sources", nargs="*", metavar="SRC", help="folder, .txt file list or .tar file")
+    p.add_argument("--out", help="output directory for shard-%%06d.tar and manifest.json")
+    p.add_argument("--verify", metavar="DIR", default=None,
+                   help="check a shard set against its manifest.json (one line per bad shard, exit 2 if any)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--shard-bytes", type=int, default=0, help="also cut a shard past this many bytes")
     p.add_argument("--max-side", type=int, default=0,

@@ -14,6 +14,7 @@ centre-crop img_size, normalise. Grayscale and palette images are converted to R
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -98,33 +99,62 @@ def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> trans
     ])
 
 
+_IMAGE_MEMBERS = ("jpg", "jpeg", "png")
+_UNLABELLED, _UNDECODABLE = -1, -2
+
+
+def _decode_image(data: bytes):
+    """Image bytes -> PIL image, by PIL's image decoders only (shard members are never unpickled)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.copy()
+
+
+def _decode_label(data) -> int | None:
+    """A .cls member: an ASCII integer, else None."""
+    try:
+        return int(data.decode("ascii").strip()) if isinstance(data, bytes) and len(data) < 32 else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 class _ImageAndLabel:
-    """sample dict -> (image tensor, label); a class, not a closure, so workers can pickle it."""
+    """raw sample dict -> (image tensor, label); a class, not a closure, so workers can pickle it.
+
+    Only the image member and `.cls` are read, with the explicit decoders above; every other
+    member (.pyd, .pkl, .pth, .json, ...) is ignored unread. webdataset's `.decode()` is not used:
+    its default handlers unpickle .pyd/.pkl and torch.load .pth members.
+    """
 
     def __init__(self, transform):
         self.transform = transform
 
     def __call__(self, sample: dict):
-        image = sample.get("jpg", sample.get("jpeg", sample.get("png")))
-        label = sample.get("cls")
-        # Unlabelled or imageless samples are flagged (-1) rather than raised here: an error
-        # inside a DataLoader worker would reach the user as a multi-line traceback.
-        if image is None or label is None:
-            return torch.zeros(3, 1, 1), -1
-        return self.transform(image), int(label)
+        data = next((sample[k] for k in _IMAGE_MEMBERS if isinstance(sample.get(k), bytes)), None)
+        label = _decode_label(sample.get("cls"))
+        # Bad samples are flagged rather than raised here: an error inside a DataLoader worker
+        # would reach the user as a multi-line traceback.
+        if data is None or label is None:
+            return torch.zeros(3, 1, 1), _UNLABELLED, str(sample.get("__key__"))
+        try:
+            return self.transform(_decode_image(data)), label, ""
+        except Exception:  # noqa: BLE001 - a corrupt image is named by the caller, not traced
+            return torch.zeros(3, 1, 1), _UNDECODABLE, f"{sample.get('__key__')} in {sample.get('__url__')}"
 
 
 def _collate(items):
-    if any(y < 0 for _, y in items):
-        return None, torch.tensor([-1])
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    bad = next(((y, key) for _, y, key in items if y < 0), None)
+    if bad is not None:
+        return None, bad
+    return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])
 
 
 def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
     # Every process reads every shard, in order: evaluation is not split across ranks.
     dataset = (
         wds.WebDataset(shards.urls, shardshuffle=False, nodesplitter=_every_shard, empty_check=False)
-        .decode("pil")
         .map(_ImageAndLabel(transform))
     )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(shards.urls)),
@@ -163,6 +193,10 @@ def extract_features(
     try:
         for images, y in _loader(shard_set, transform, batch_size, workers):
             if images is None:
+                code, key = y
+                if code == _UNDECODABLE:
+                    raise DataError(f"sample {key} cannot be decoded as an image: check the shards with "
+                                    "`simscale prepare --verify DIR` and re-run `simscale prepare`")
                 raise DataError(f"shards '{shard_set.urls[0]}'... hold samples without an image or a .cls "
                                 "label: prepare them from class folders (`simscale prepare CLASS_DIR`)")
             out = pooled_features(model, images.to(param.device, param.dtype))
