@@ -26,6 +26,7 @@ rank already consumed in it); resuming needs the same world size and num_workers
 """
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from dataclasses import dataclass
@@ -175,11 +176,12 @@ class _Plan:
                 "photo_b": draw_params(photo_rng, "b", self.color_aug),
                 "label": _label(sample.get("cls")), "index": index}
 
-    def _decode_or_substitute(self, epoch: int, pos: int, items: list, budget: list[int]) -> dict:
+    def _decode_or_substitute(self, epoch: int, pos: int, items: list, budget: list[int], slot_start) -> dict:
         """Decode items[pos]; if it is bad, count it and decode the next good sample of the same
-        chunk in its place (with the bad sample's index, so its crops/mask stay its own draw).
-        Deterministic, so every rank still yields the same number of full batches, and a resume
-        replays it exactly."""
+        chunk in its place (with the bad sample's index, so its crops/mask stay its own draw); if
+        the whole chunk is bad, the first good one of the slot's first chunks (`slot_start()`
+        re-reads them). Deterministic, so every rank still yields the same number of full
+        batches, and a resume replays it exactly."""
         index, sample = items[pos]
         try:
             return self._decode(epoch, index, sample)
@@ -193,8 +195,8 @@ class _Plan:
                 raise _NoData(f"more than data.max_bad_fraction={self.max_bad_fraction:g} of the samples of "
                               f"this epoch are unreadable (last: '{key}' in '{url}'): check the shards with "
                               "`simscale prepare --verify DIR` and re-run `simscale prepare`") from None
-        for step in range(1, len(items)):
-            other = items[(pos + step) % len(items)][1]
+        candidates = [items[(pos + step) % len(items)][1] for step in range(1, len(items))]
+        for other in itertools.chain(candidates, (s for _, s in itertools.islice(slot_start(), 4 * self.chunk))):
             try:
                 return self._decode(epoch, index, other)
             except _Unreadable:
@@ -210,6 +212,9 @@ class _Plan:
         length = nb * B
         base = self.slot_start(slot)
         chunk0 = (first_local * B) // self.chunk
+        def slot_start():
+            return self._exact_raw(epoch, base) if self.mode == "epoch" else self._resampled_raw(epoch, slot, base)
+
         if self.mode == "epoch":
             raw = self._exact_raw(epoch, base + chunk0 * self.chunk)
         else:
@@ -228,7 +233,7 @@ class _Plan:
                     local = (pos + b * B) // B
                     if local < first_local:
                         continue
-                    yield collate([self._decode_or_substitute(epoch, int(i), items, budget)
+                    yield collate([self._decode_or_substitute(epoch, int(i), items, budget, slot_start)
                                    for i in perm[b * B:(b + 1) * B]])
                 pos += size
         except _NoData as exc:
