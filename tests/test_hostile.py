@@ -141,3 +141,33 @@ def test_the_planted_payload_is_live(tmp_path):
 
     pickle.loads(pickle_bytes(tmp_path / "RAN"))
     assert (tmp_path / "RAN").read_text() == "ran"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "jpeg"])
+def test_damaged_eval_shards_are_one_line(damage, tmp_path):
+    import timm
+
+    from simscale.errors import DataError
+    from simscale.eval.features import extract_features
+
+    shards = planted_shards(tmp_path / "shards", tmp_path / "RAN")
+    shard = shards / "shard-000000.tar"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
+    else:
+        with tarfile.open(shard) as tf:
+            m = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
+        raw = bytearray(shard.read_bytes())
+        raw[m.offset_data:m.offset_data + 16] = b"\0" * 16
+        shard.write_bytes(bytes(raw))
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                              embed_dim=64, depth=1, num_heads=2)
+    with pytest.raises(DataError) as exc:
+        extract_features(model, str(shards), batch_size=4, workers=1)
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_probe_flags_are_one_line(tmp_path, capsys):
+    for flag in (["--k", "0"], ["--batch-size", "0"], ["--workers", "-1"], ["--temperature", "0"]):
+        one_line_exit_2(capsys, ["eval", "knn", "--model", str(tmp_path), "--train", str(tmp_path),
+                                 "--val", str(tmp_path), *flag])

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import tarfile
 from pathlib import Path
 
 import torch
@@ -191,7 +192,16 @@ def extract_features(
     model.eval()
     feats, labels = [], []
     try:
-        for images, y in _loader(shard_set, transform, batch_size, workers):
+        batches = iter(_loader(shard_set, transform, batch_size, workers))
+        while True:
+            try:
+                images, y = next(batches)
+            except StopIteration:
+                break
+            except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
+                # a truncated or damaged tar (webdataset raises it inside a worker, with a trace)
+                raise DataError(f"shards '{shard_set.urls[0]}'... cannot be read ({type(exc).__name__}): check "
+                                "them with `simscale prepare --verify DIR`") from None
             if images is None:
                 code, key = y
                 if code == _UNDECODABLE:
@@ -215,6 +225,12 @@ def default_workers() -> int:
 
 def encode_splits(args) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], int]:
     """CLI helper for both probes: load --model, encode --train and --val. Returns (train, val, n_classes)."""
+    for flag, attr, low, strict in (("--batch-size", "batch_size", 1, False), ("--workers", "workers", 0, False),
+                                    ("--k", "k", 1, False), ("--temperature", "temperature", 0, True),
+                                    ("--weight-decay", "weight_decay", 0, False)):
+        value = getattr(args, attr, None)
+        if value is not None and (value < low or (strict and value == low) or value != value):
+            raise DataError(f"{flag} must be {'>' if strict else '>='} {low}, got {value}")
     train_set, val_set = resolve_shards(args.train), resolve_shards(args.val)
     if train_set.classes and val_set.classes and list(train_set.classes) != list(val_set.classes):
         raise DataError(f"--train and --val name different classes ({len(train_set.classes)} vs "
