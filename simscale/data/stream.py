@@ -212,19 +212,22 @@ class _Plan:
         length = nb * B
         base = self.slot_start(slot)
         chunk0 = (first_local * B) // self.chunk
+
         def slot_start():
             return self._exact_raw(epoch, base) if self.mode == "epoch" else self._resampled_raw(epoch, slot, base)
 
-        if self.mode == "epoch":
-            raw = self._exact_raw(epoch, base + chunk0 * self.chunk)
-        else:
-            raw = self._resampled_raw(epoch, slot, base)
-            for _ in range(chunk0 * self.chunk):  # replay without decoding
-                next(raw)
         pos = chunk0 * self.chunk
-        # Bad samples this slot may still replace in this epoch (counted from where it starts).
-        budget = [int(self.max_bad_fraction * length)]
+        # Bad samples this slot may still replace in this epoch (counted from where it starts); at
+        # least one unless data.max_bad_fraction=0, so one bad image never stops a small run.
+        frac = self.max_bad_fraction
+        budget = [max(int(frac * length), 1 if frac > 0 else 0)]
         try:
+            if self.mode == "epoch":
+                raw = self._exact_raw(epoch, base + chunk0 * self.chunk)
+            else:
+                raw = self._resampled_raw(epoch, slot, base)
+                for _ in range(chunk0 * self.chunk):  # replay without decoding
+                    next(raw)
             while pos < length:
                 size = min(self.chunk, length - pos)
                 items = [next(raw) for _ in range(size)]

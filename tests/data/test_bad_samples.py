@@ -99,3 +99,10 @@ def test_a_label_that_is_not_an_integer_is_unlabelled_not_an_error(shards):
     from simscale.data.stream import _label
 
     assert _label(b"7") == 7 and _label(b"\xff\xfe") == -1 and _label(b"x" * 100) == -1 and _label(None) == -1
+
+
+def test_one_bad_sample_is_skipped_under_the_default_fraction_and_zero_means_strict(shards):
+    break_jpeg(shards / "shard-000004.tar", 2)
+    assert [len(b) for b in run_all(shards, frac=0.01)] == [5, 5]
+    with pytest.raises(DataError, match="max_bad_fraction=0 "):
+        run_all(shards, frac=0)

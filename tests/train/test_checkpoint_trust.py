@@ -108,5 +108,10 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(r
         assert f"the previous checkpoint {tag_for(1)} is intact" in err.replace("\n", "")
         ck = Checkpointer(mnt / "run", 0, 1, 5)
         assert [t.name for t in ck.tags()] == [tag_for(1)] and verify(ck.tags()[0], content=True) is None
+        # the same file system read-only (what a permission problem looks like to root): one line too
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        proc = train(train_shards, mnt / "run", 3)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, out(proc)[-3000:]
+        assert "Read-only file system" in proc.stderr and f"{tag_for(1)} is intact" in proc.stderr.replace("\n", "")
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
