@@ -8,6 +8,7 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -18,6 +19,8 @@ from rich.text import Text
 from simscale.errors import SimscaleError
 
 console = Console(stderr=True)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST}
 
 
 class RichParser(argparse.ArgumentParser):
@@ -129,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.cli_main(args) or 0)
     except SimscaleError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:  # the environment, not a bug: a full disk, a permission, a missing path
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        where = f": '{exc.filename}'" if exc.filename else ""
+        console.print(f"[red]error:[/red] {exc.strerror}{where}; files written before this are kept: "
+                      "fix it and rerun", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

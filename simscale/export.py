@@ -60,7 +60,7 @@ def encoder_state_dict(tag_dir: Path, encoder: str) -> dict[str, torch.Tensor]:
                 full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except CheckpointError:
             raise
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
             raise CheckpointError(f"DeepSpeed's files in '{tag_dir}' cannot be consolidated ({type(exc).__name__}); "
                                   "export another step with --step") from None
         prefix = "online.encoder."
@@ -69,7 +69,11 @@ def encoder_state_dict(tag_dir: Path, encoder: str) -> dict[str, torch.Tensor]:
         states = [load_ema(tag_dir, r) for r in range(ranks)]
         if not states or not states[0]["names"]:
             raise CheckpointError(f"'{tag_dir}' has no EMA target (pixel-target run?): export --encoder online")
-        full = consolidate(states)
+        try:
+            full = consolidate(states)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise CheckpointError(f"EMA state in '{tag_dir}' does not fit its own layout ({type(exc).__name__}): "
+                                  "export another step with --step") from None
         prefix = "encoder."
     return {k[len(prefix):]: v.float().contiguous() for k, v in full.items() if k.startswith(prefix)}
 

@@ -171,3 +171,25 @@ def test_bad_probe_flags_are_one_line(tmp_path, capsys):
     for flag in (["--k", "0"], ["--batch-size", "0"], ["--workers", "-1"], ["--temperature", "0"]):
         one_line_exit_2(capsys, ["eval", "knn", "--model", str(tmp_path), "--train", str(tmp_path),
                                  "--val", str(tmp_path), *flag])
+
+
+@pytest.mark.parametrize("entry", [{"name": "../outside.tar", "samples": 1}, {"name": "shard-000000.tar"},
+                                   {"name": "shard-000000.tar", "samples": -3}, "just a string"])
+def test_malformed_manifest_entries_are_one_line(entry, tmp_path):
+    import json
+
+    from simscale.data.shards import read_manifest
+    from simscale.errors import DataError
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [entry]}))
+    with pytest.raises(DataError, match="malformed shard entry"):
+        read_manifest(tmp_path / "manifest.json")
+
+
+@pytest.mark.parametrize("marker", ['[1, 2]', '{"step": 1, "world_size": "two", "config": {}}', '{"step": 1}', "\xff"])
+def test_a_forged_complete_marker_is_one_line(marker, tmp_path):
+    from simscale.train.checkpoint import read_meta
+
+    (tmp_path / "COMPLETE").write_text(marker)
+    with pytest.raises(CheckpointError, match="not a simscale checkpoint marker"):
+        read_meta(tmp_path)

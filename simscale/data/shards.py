@@ -46,8 +46,16 @@ def read_manifest(path: str | Path) -> ShardSet:
     if not isinstance(data, dict) or "shards" not in data:
         raise DataError(f"manifest '{path}' has no 'shards' list: is it a simscale manifest?")
     urls, counts = [], []
-    for entry in data["shards"]:
-        url = path.parent / entry["name"]
+    entries = data["shards"] if isinstance(data["shards"], list) else [None]
+    for entry in entries:
+        try:
+            name, samples = entry["name"], entry["samples"]
+            assert isinstance(name, str) and "/" not in name and "\\" not in name and name not in ("", ".", "..")
+            assert isinstance(samples, int) and samples >= 0
+        except (TypeError, KeyError, AssertionError):
+            raise DataError(f"manifest '{path}' has a malformed shard entry ({str(entry)[:80]}): re-run "
+                            "`simscale prepare` to rewrite it") from None
+        url = path.parent / name
         if not url.is_file():
             raise DataError(f"shard '{url}' listed in '{path}' is missing: re-run `simscale prepare` "
                             "(it resumes) or restore the file")

@@ -92,7 +92,17 @@ def verify(tag_dir: Path, content: bool = False, share: tuple[int, int] | None =
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
-    return json.loads((tag_dir / COMPLETE).read_text())
+    """COMPLETE's contents, checked for the keys a resume/export reads (it may come from anywhere)."""
+    try:
+        meta = json.loads((tag_dir / COMPLETE).read_text())
+        ok = isinstance(meta, dict) and isinstance(meta.get("world_size"), int) and meta["world_size"] >= 1 \
+            and isinstance(meta.get("config"), dict) and isinstance(meta.get("step"), int)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"'{tag_dir / COMPLETE}' is not a simscale checkpoint marker (step, world_size, "
+                              "config): resume or export another checkpoint")
+    return meta
 
 
 def _collective() -> bool:
@@ -250,7 +260,7 @@ class Checkpointer:
                                                  load_lr_scheduler_states=False, load_module_strict=True)
         except CheckpointError:
             raise
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
             raise CheckpointError(f"DeepSpeed could not load '{tag_dir}' ({type(exc).__name__}); the checkpoint "
                                   "is damaged: delete it to resume from the previous one") from None
         if path is None:

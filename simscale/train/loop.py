@@ -129,9 +129,19 @@ class Trainer:
         check_compatible(read_meta(tag_dir)["config"], to_dict(self.cfg), tag_dir)
         saved = self.ckpt.load(self.engine, tag_dir)
         self.ema.load_state_dict(saved["ema"])
-        known = {f.name for f in dataclasses.fields(LoopState)}
-        self.state = LoopState(**{k: v for k, v in saved["loop"].items() if k in known})
-        _set_rng(saved["rng"])
+        defaults = dataclasses.asdict(LoopState())
+        loop = {k: v for k, v in saved["loop"].items() if k in defaults}
+        wrong = [k for k, v in loop.items() if type(v) is not type(defaults[k]) and
+                 not (isinstance(defaults[k], float) and isinstance(v, int))]
+        if wrong:
+            raise SimscaleError(f"loop state in '{tag_dir}' has a wrong type for '{wrong[0]}': "
+                                "resume from another checkpoint")
+        self.state = LoopState(**loop)
+        try:
+            _set_rng(saved["rng"])
+        except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
+                                "resume from another checkpoint") from None
         self.sink.drop_from(self.state.step)  # the steps about to be replayed are logged again
         self.sink.print(f"resumed from {tag_dir} at step {self.state.step} "
                         f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")

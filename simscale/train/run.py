@@ -9,7 +9,8 @@ from simscale.errors import SimscaleError
 
 # What a user's environment causes (full disk, permissions, a directory removed under the run),
 # as opposed to a bug: these become one line naming the path and what is still intact.
-_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR}
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR,
+               errno.EISDIR}
 
 
 def cli_main(args) -> int:
