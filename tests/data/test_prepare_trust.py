@@ -112,8 +112,6 @@ def test_pool_workers_die_with_a_killed_prepare(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-        for w in children(proc.pid) if proc.poll() is None else []:
-            os.kill(w, signal.SIGKILL)
         for w in locals().get("alive", []):  # on failure: do not leave the orphans running
             try:
                 os.kill(w, signal.SIGKILL)
