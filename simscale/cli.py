@@ -8,6 +8,7 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -18,6 +19,8 @@ from rich.text import Text
 from simscale.errors import SimscaleError
 
 console = Console(stderr=True)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST}
 
 
 class RichParser(argparse.ArgumentParser):
@@ -39,6 +42,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("sources", nargs="*", metavar="SRC", help="folder, .txt file list or .tar file")
     p.add_argument("--out", default=None, help="output directory (or s3://, gs://... URL: written "
                    "locally, then uploaded) for shard-%%06d.tar and manifest.json")
+    p.add_argument("--verify", metavar="DIR", default=None,
+                   help="check a shard set against its manifest.json (one line per bad shard, exit 2 if any)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--shard-bytes", type=int, default=0, help="also cut a shard past this many bytes")
     p.add_argument("--max-side", type=int, default=0,
@@ -143,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.cli_main(args) or 0)
     except SimscaleError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:  # the environment, not a bug: a full disk, a permission, a missing path
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        where = f": '{exc.filename}'" if exc.filename else ""
+        console.print(f"[red]error:[/red] {exc.strerror}{where}; files written before this are kept: "
+                      "fix it and rerun", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

@@ -72,6 +72,9 @@ class DataConfig:
     # at every resolution.
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     same_view: bool = False  # ablation switch: view B is view A's crop (and flip)
+    # Unreadable samples (and the rest of a truncated shard) are replaced and counted; past this
+    # fraction of a worker's samples in an epoch the run stops: the data set needs `prepare`.
+    max_bad_fraction: float = 0.01
     mask: MaskConfig = field(default_factory=MaskConfig)
     # Shards behind a URL (http(s)://, s3://, gs://): see simscale/data/remote.py.
     io_retries: int = 5  # consecutive transient failures (drop, timeout, 5xx) retried per read
@@ -334,11 +337,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not text (not UTF-8): pass a YAML file to --config") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read ({exc.strerror}): check its permissions") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}: fix its syntax") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' holds a {type(data).__name__}, not a mapping of keys "
+                          "like 'optim: {batch_size: 64}'")
     return data or {}
 
 
@@ -366,8 +376,75 @@ def build_config(
     return cfg
 
 
+# Allowed range of every numeric key: (low, high, low inclusive, high inclusive); None = unbounded.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "model.img_size": (1, None, True, False), "model.patch_size": (1, None, True, False),
+    "model.embed_dim": (1, None, True, False), "model.depth": (1, None, True, False),
+    "model.num_heads": (1, None, True, False), "model.mlp_ratio": (0, None, False, False),
+    "model.drop_path": (0, 1, True, False), "model.decoder_dim": (1, None, True, False),
+    "model.decoder_heads": (1, None, True, False), "model.projector_depth": (0, None, True, False),
+    "model.predictor_depth": (0, None, True, False),
+    "data.samples_per_epoch": (0, None, True, False), "data.num_workers": (0, None, True, False),
+    "data.shuffle_buffer": (1, None, True, False), "data.max_bad_fraction": (0, 1, True, True),
+    "data.crop_scale": (0, 1, False, True), "data.crop_ratio": (0, None, False, False),
+    "data.mask.ratio": (0, 1, False, False), "data.mask.min_block_patches": (1, None, True, False),
+    "data.mask.min_aspect": (0, 1, False, True),
+    "optim.batch_size": (1, None, True, False), "optim.grad_accum": (1, None, True, False),
+    "optim.epochs": (0, None, False, False), "optim.warmup_epochs": (0, None, True, False),
+    "optim.max_steps": (0, None, True, False), "optim.warmup_steps": (-1, None, True, False),
+    "optim.base_lr": (0, None, False, False), "optim.lr": (0, None, True, False),
+    "optim.min_lr": (0, None, True, False), "optim.weight_decay": (0, None, True, False),
+    "optim.weight_decay_end": (0, None, True, False), "optim.betas": (0, 1, True, False),
+    "optim.eps": (0, None, False, False), "optim.clip_grad": (0, None, True, False),
+    "loss.lam": (0, None, True, False), "loss.a_global": (0, None, True, False),
+    "loss.a_dense": (0, None, True, False),
+    "ema.momentum": (0, 1, True, True), "ema.momentum_end": (0, 1, True, True),
+    "deepspeed.zero_stage": (0, 3, True, True), "deepspeed.persistence_threshold": (0, None, True, False),
+    "deepspeed.reduce_bucket_size": (1, None, True, False), "deepspeed.prefetch_bucket_size": (1, None, True, False),
+    "log.every": (1, None, True, False),
+    "data.shard_interleave": (1, None, True, False), "data.blur_sigma": (0, None, True, False),
+    "eval.every": (0, None, True, False), "eval.k": (1, None, True, False),
+    "eval.temperature": (0, None, False, False), "eval.batch_size": (1, None, True, False),
+    "eval.max_samples": (1, None, True, False),
+    "data.io_retries": (0, None, True, False), "data.io_timeout": (0, None, False, False),
+    "data.cache_gb": (0, None, False, False),
+    "run.seed": (0, 2**32 - 1, True, True), "run.save_every": (1, None, True, False),
+    "run.keep_last": (1, None, True, False), "run.max_nonfinite_streak": (1, None, True, False),
+}
+_ORDERED = ("data.crop_scale", "data.crop_ratio", "data.blur_sigma")  # (low, high) pairs
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric key inside its range, finite, and (low, high) pairs in order: one line each."""
+    import math
+
+    for key, (lo, hi, lo_in, hi_in) in _RANGES.items():
+        value = _get(cfg, key)
+        for v in value if isinstance(value, tuple) else (value,):
+            bad = not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
+                or (hi is not None and (v > hi or (v == hi and not hi_in)))
+            if bad:
+                left = "unbounded" if lo is None else f"{'[' if lo_in else '('}{lo:g}"
+                right = "inf)" if hi is None else f"{hi:g}{']' if hi_in else ')'}"
+                raise ConfigError(f"config key '{key}' must lie in {left}, {right}, got {v!r}")
+    for key in _ORDERED:
+        low, high = _get(cfg, key)
+        if low > high:
+            raise ConfigError(f"config key '{key}' is (low, high), got [{low:g}, {high:g}]: "
+                              f"swap them, e.g. {key}=[{high:g},{low:g}]")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
+    _check_ranges(cfg)
+
     def choice(key: str, value: str, options: tuple[str, ...]) -> None:
         if value not in options:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(options)}, got '{value}'")
@@ -402,22 +479,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.embed_dim and model.decoder_dim must be multiples of 4 (2D sin-cos PE)")
     if not 0.0 < cfg.data.mask.ratio < 1.0:
         raise ConfigError(f"data.mask.ratio must lie in (0, 1), got {cfg.data.mask.ratio}")
-    if cfg.data.io_retries < 0 or cfg.data.io_timeout <= 0 or cfg.data.cache_gb <= 0:
-        raise ConfigError("data.io_retries must be >= 0, data.io_timeout and data.cache_gb > 0")
     if cfg.optim.batch_size < 1 or cfg.optim.grad_accum < 1:
         raise ConfigError("optim.batch_size and optim.grad_accum must be >= 1")
     if not 0.0 <= cfg.ema.momentum <= 1.0 or not 0.0 <= cfg.ema.momentum_end <= 1.0:
         raise ConfigError("ema.momentum and ema.momentum_end must lie in [0, 1]")
     e = cfg.eval
-    if cfg.data.shard_interleave < 1:
-        raise ConfigError(f"data.shard_interleave must be >= 1, got {cfg.data.shard_interleave}")
-    if e.every < 0:
-        raise ConfigError(f"eval.every must be >= 0 (0: no online k-NN), got {e.every}")
     if e.every and not (e.train and e.val):
         raise ConfigError("eval.every > 0 needs labelled shards: set eval.train=DIR and eval.val=DIR "
                           "(`simscale prepare CLASS_FOLDERS --out DIR`)")
-    if e.k < 1 or e.temperature <= 0 or e.batch_size < 1 or e.max_samples < 1:
-        raise ConfigError("eval.k, eval.batch_size and eval.max_samples must be >= 1 and eval.temperature > 0")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -19,7 +19,9 @@ from simscale.config import Config, from_dict
 from simscale.data.photometric import MEAN, STD
 from simscale.errors import CheckpointError, SimscaleError
 from simscale.model.pos_embed import abs_pos_embed_2d
-from simscale.train.checkpoint import Checkpointer, read_meta, tag_for, verify
+from simscale.train.checkpoint import Checkpointer, read_meta, tag_for
+from simscale.train.rank_state import load_ema
+from simscale.train.weights_only import weights_only_loads
 from simscale.train.ema import consolidate
 
 
@@ -34,12 +36,12 @@ def _pick_checkpoint(run_dir: Path, step: int | None) -> Path:
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"'{run_dir}' has no checkpoints/ directory: is it a simscale run.dir?")
     if step is None:
-        tag_dir = Checkpointer(run_dir, 0, 1, 0).find_resumable("auto")
+        tag_dir = Checkpointer(run_dir, 0, 1, 1).find_resumable("auto")
         if tag_dir is None:
             raise CheckpointError(f"'{run_dir}' holds no complete checkpoint: train longer or check run.dir")
         return tag_dir
     tag_dir = run_dir / "checkpoints" / tag_for(step)
-    problem = verify(tag_dir) if tag_dir.is_dir() else "it does not exist"
+    problem = Checkpointer(run_dir, 0, 1, 1).verify_content(tag_dir) if tag_dir.is_dir() else "it does not exist"
     if problem:
         raise CheckpointError(f"checkpoint for step {step} in '{run_dir}' is unusable: {problem}; "
                               "omit --step to export the newest complete one")
@@ -51,15 +53,27 @@ def encoder_state_dict(tag_dir: Path, encoder: str) -> dict[str, torch.Tensor]:
     if encoder == "online":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-file progress
-            full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        try:
+            # it prints per-file progress; weights_only_loads: DeepSpeed's files cannot run code
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    weights_only_loads():
+                full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
+            raise CheckpointError(f"DeepSpeed's files in '{tag_dir}' cannot be consolidated ({type(exc).__name__}); "
+                                  "export another step with --step") from None
         prefix = "online.encoder."
     else:
-        states = [torch.load(p, map_location="cpu", weights_only=False)["ema"]
-                  for p in sorted(tag_dir.glob("simscale_rank*.pt"))]
+        ranks = int(read_meta(tag_dir)["world_size"])
+        states = [load_ema(tag_dir, r) for r in range(ranks)]
         if not states or not states[0]["names"]:
             raise CheckpointError(f"'{tag_dir}' has no EMA target (pixel-target run?): export --encoder online")
-        full = consolidate(states)
+        try:
+            full = consolidate(states)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise CheckpointError(f"EMA state in '{tag_dir}' does not fit its own layout ({type(exc).__name__}): "
+                                  "export another step with --step") from None
         prefix = "encoder."
     return {k[len(prefix):]: v.float().contiguous() for k, v in full.items() if k.startswith(prefix)}
 

@@ -39,4 +39,4 @@ def test_two_nodes_train_the_same_model_as_one_node(train_shards, tmp_path):
     assert losses(tmp_path / "two_nodes") == losses(tmp_path / "one_node")
     meta = read_meta(tmp_path / "two_nodes" / "checkpoints" / tag_for(3))
     assert meta["world_size"] == 2
-    assert (tmp_path / "two_nodes" / "checkpoints" / tag_for(3) / "simscale_rank00001.pt").is_file()
+    assert (tmp_path / "two_nodes" / "checkpoints" / tag_for(3) / "simscale_rank00001.safetensors").is_file()

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from simscale.checksum import file_digest
 from simscale.data.shards import MANIFEST, write_manifest
 from simscale.data.sources import Item, list_sources, read_item
 from simscale.errors import DataError
@@ -114,6 +115,19 @@ def process_item(item: Item, opts: Options) -> tuple:
     return ("ok", out, meta)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: the kernel kills this worker when prepare dies, even by SIGKILL (Linux)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _process_chunk(chunk: list[Item], opts: Options) -> list[tuple]:
     return [process_item(item, opts) for item in chunk]
 
@@ -147,10 +161,12 @@ class ShardWriter:
         key = f"{self.key:09d}"
         size = len(jpeg) + 2048
         closed = False
+        self.closed_at = []  # per shard closed by this call: 0 = before this sample, 1 = after it
         if self.n and self.opts.shard_bytes and self.nbytes + size > self.opts.shard_bytes:
             self.close()
             self._open()
             closed = True
+            self.closed_at.append(0)
         _tar_add(self.tf, f"{key}.jpg", jpeg)
         if label >= 0:
             _tar_add(self.tf, f"{key}.cls", str(label).encode())
@@ -162,6 +178,7 @@ class ShardWriter:
             self.close()
             self._open()
             closed = True
+            self.closed_at.append(1)
         return closed
 
     def close(self) -> None:
@@ -196,19 +213,69 @@ def _check_out(out: Path) -> None:
                         "choose another --out or fix its permissions") from None
 
 
+def shard_problem(path: Path, entry: dict) -> str | None:
+    """None when the shard file matches its manifest/state entry (size and sha256), else why not."""
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != entry.get("bytes"):
+        return f"{path.stat().st_size} bytes, expected {entry.get('bytes')} (truncated or replaced)"
+    if file_digest(path) != entry.get("sha256"):
+        return "sha256 differs from the manifest (damaged)"
+    return None
+
+
 def _load_state(out: Path, fingerprint: str) -> dict | None:
-    """The finished part of an earlier run with the same inputs and options, if it is intact."""
+    """The finished part of an earlier run with the same inputs and options, up to its first damaged shard.
+
+    Each shard's content is checked against its sha256; from the first one that differs on, the
+    shards are rebuilt (output is deterministic, so they come back byte-identical).
+    """
     try:
         state = json.loads((out / STATE).read_text())
-    except (OSError, ValueError):
-        return None
-    if state.get("fingerprint") != fingerprint:
-        return None
-    for s in state["shards"]:
-        p = out / s["name"]
-        if not p.is_file() or p.stat().st_size != s["bytes"]:
+        if state.get("fingerprint") != fingerprint:
             return None
-    return state
+        shards, ends = state["shards"], state.get("ends")
+        for i, s in enumerate(shards):
+            problem = shard_problem(out / s["name"], s)
+            if problem is None:
+                continue
+            _say(f"[yellow]shard {s['name']}: {problem}; rebuilding it and those after it[/yellow]")
+            if not ends or i == 0:
+                return None  # a state file of an older simscale: no resume points, start over
+            return {"fingerprint": fingerprint, "shards": shards[:i], "next_item": ends[i - 1][0],
+                    "skipped": state["skipped"][:ends[i - 1][1]], "ends": ends[:i]}
+        return state
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def _say(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
+
+
+def verify_shards(directory: str | Path) -> list[str]:
+    """`prepare --verify DIR`: one line per shard that differs from manifest.json (empty: all good)."""
+    directory = Path(directory)
+    path = directory / MANIFEST if directory.is_dir() else directory
+    try:
+        data = json.loads(path.read_text())
+        entries = data["shards"]
+        assert isinstance(entries, list)
+    except FileNotFoundError:
+        raise DataError(f"'{path}' not found: pass a `simscale prepare` output directory") from None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise DataError(f"manifest '{path}' is unreadable: re-run `simscale prepare` to rewrite it") from None
+    bad = []
+    for entry in entries:
+        try:
+            problem = shard_problem(path.parent / entry["name"], entry)
+        except (KeyError, TypeError, OSError) as exc:
+            problem = f"manifest entry or file unreadable ({type(exc).__name__})"
+        if problem:
+            bad.append(f"{entry.get('name', '?') if isinstance(entry, dict) else '?'}: {problem}")
+    return bad
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -249,6 +316,10 @@ def prepare(sources: list[str], out: str | Path, opts: Options = Options(), work
         raise DataError(f"--shard-size must be >= 1, got {opts.shard_size}")
     if not 1 <= opts.quality <= 100:
         raise DataError(f"--quality must be in 1..100, got {opts.quality}")
+    for flag, value, low in (("--workers", workers, 0), ("--shard-bytes", opts.shard_bytes, 0),
+                             ("--max-side", opts.max_side, 0), ("--max-pixels", opts.max_pixels, 1)):
+        if value < low:
+            raise DataError(f"{flag} must be >= {low}, got {value}")
     listing = list_sources(sources)
     _check_out(out)
     items = list(listing.items)
@@ -265,6 +336,7 @@ def prepare(sources: list[str], out: str | Path, opts: Options = Options(), work
                          first_key=sum(s["samples"] for s in state["shards"]))
     writer.shards = list(state["shards"])
     skipped = [tuple(s) for s in state["skipped"]]
+    ends = list(state.get("ends") or [])
     pending_skips: list = []
     workers = workers or os.cpu_count() or 1
     start = state["next_item"]
@@ -280,7 +352,7 @@ def prepare(sources: list[str], out: str | Path, opts: Options = Options(), work
             return
         # A bounded window of chunks in flight: memory stays flat however many items there are;
         # a crashed worker raises BrokenProcessPool instead of hanging.
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             window = collections.deque()
             it = iter(chunks)
             for c in it:
@@ -305,8 +377,10 @@ def prepare(sources: list[str], out: str | Path, opts: Options = Options(), work
                 if writer.add(r[1], item.label, r[2]):
                     skipped += pending_skips
                     pending_skips = []
+                    # resume point after each closed shard: (next item, skips so far) for shard i
+                    ends += [[done - 1 + after, len(skipped)] for after in writer.closed_at]
                     _save_state(out, {"fingerprint": fingerprint, "shards": writer.shards,
-                                      "next_item": done, "skipped": skipped})
+                                      "next_item": ends[-1][0], "skipped": skipped, "ends": ends})
             if bar:
                 bar.update(task, completed=done)
         writer.close()
@@ -324,8 +398,9 @@ def prepare(sources: list[str], out: str | Path, opts: Options = Options(), work
             f.write("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in s) + "\n")
     reasons = dict(sorted(collections.Counter(s[1] for s in skipped).items()))
     write_manifest(out, writer.shards, listing.classes, options=asdict(opts))
+    ends += [[len(items), len(skipped) - len(listing.skipped)]] * (len(writer.shards) - len(ends))
     _save_state(out, {"fingerprint": fingerprint, "shards": writer.shards,
-                      "next_item": len(items), "skipped": skipped[len(listing.skipped):]})
+                      "next_item": len(items), "skipped": skipped[len(listing.skipped):], "ends": ends})
     return {"written": sum(s["samples"] for s in writer.shards), "shards": len(writer.shards),
             "skipped": reasons, "resumed_shards": resumed, "seconds": time.time() - t0,
             "report": str(out / REPORT)}
@@ -345,6 +420,16 @@ def _index_main(args) -> int:
 
 
 def cli_main(args) -> int:
+    if getattr(args, "verify", None):
+        bad = verify_shards(args.verify)
+        for line in bad:
+            print(f"bad shard {line}")
+        if bad:
+            print(f"{len(bad)} bad shard(s) in '{args.verify}': re-run `simscale prepare` with the same "
+                  "sources and --out to rebuild them")
+            return 2
+        print(f"all shards in '{args.verify}' match manifest.json")
+        return 0
     if getattr(args, "index", None):
         return _index_main(args)
     if not args.sources or not args.out:

@@ -55,20 +55,35 @@ def read_manifest(path: str | Path) -> ShardSet:
     if not isinstance(data, dict) or "shards" not in data:
         raise DataError(f"manifest '{path}' has no 'shards' list: is it a simscale manifest?")
     urls, counts = [], []
-    for entry in data["shards"]:
-        if remote.is_url(entry["name"]):  # a local manifest of remote tars (prepare --index --manifest-out)
-            urls.append(entry["name"])
-            counts.append(int(entry["samples"]))
+    entries = data["shards"] if isinstance(data["shards"], list) else [None]
+    for entry in entries:
+        name, samples = _entry(entry, path)
+        if remote.is_url(name):  # a local manifest of remote tars (prepare --index --manifest-out)
+            urls.append(name)
+            counts.append(samples)
             continue
-        url = path.parent / entry["name"]
+        url = path.parent / name
         if not url.is_file():
             raise DataError(f"shard '{url}' listed in '{path}' is missing: re-run `simscale prepare` "
                             "(it resumes) or restore the file")
         urls.append(str(url))
-        counts.append(int(entry["samples"]))
+        counts.append(samples)
     if not urls:
         raise DataError(f"manifest '{path}' lists no shards: the source held no readable images")
     return ShardSet(urls, counts, data.get("classes"), *_checks(data))
+
+
+def _entry(entry, where) -> tuple[str, int]:
+    """(name, samples) of one manifest entry, refusing names that would leave the shard directory
+    (a plain file name, or a full URL as `prepare --index --manifest-out` writes)."""
+    try:
+        name, samples = entry["name"], entry["samples"]
+        assert isinstance(name, str) and isinstance(samples, int) and samples >= 0
+        assert remote.is_url(name) or ("/" not in name and "\\" not in name and name not in ("", ".", ".."))
+    except (TypeError, KeyError, AssertionError):
+        raise DataError(f"manifest '{where}' has a malformed shard entry ({str(entry)[:80]}): re-run "
+                        "`simscale prepare` to rewrite it") from None
+    return name, samples
 
 
 def _checks(data: dict) -> tuple[list, list]:
@@ -91,8 +106,9 @@ def _read_remote_manifest(url: str) -> ShardSet:
     if not isinstance(data, dict) or not data.get("shards"):
         raise DataError(f"manifest '{url}' has no 'shards' list: is it a simscale manifest?")
     base = url.rsplit("/", 1)[0]
-    urls = [remote.join(base, e["name"]) for e in data["shards"]]
-    counts = [int(e["samples"]) for e in data["shards"]]
+    entries = [_entry(e, url) for e in (data["shards"] if isinstance(data["shards"], list) else [None])]
+    urls = [remote.join(base, name) for name, _ in entries]
+    counts = [samples for _, samples in entries]
     return ShardSet(urls, counts, data.get("classes"), *_checks(data))
 
 

@@ -105,6 +105,14 @@ def _unsafe(name: str) -> bool:
     return p.is_absolute() or name.startswith("\\") or ".." in p.parts
 
 
+def _tar_kind(m: tarfile.TarInfo) -> str:
+    for kind, test in (("symlink", m.issym), ("hardlink", m.islnk), ("directory", m.isdir), ("fifo", m.isfifo),
+                       ("char-device", m.ischr), ("block-device", m.isblk)):
+        if test():
+            return kind
+    return "special"
+
+
 def _tar(path: Path) -> Listing:
     items, skipped, labels = [], [], {}
     try:
@@ -123,7 +131,12 @@ def _tar(path: Path) -> Listing:
         if _unsafe(m.name):
             skipped.append((source, "unsafe-tar-path", "absolute or '..' member name"))
             continue
-        if not m.isreg() or not is_image_name(m.name):
+        if not m.isreg():
+            kind = _tar_kind(m)
+            if kind != "directory" or is_image_name(m.name):  # plain folders are just structure
+                skipped.append((source, f"tar-{kind}", "not a regular file: never followed or read"))
+            continue
+        if not is_image_name(m.name):
             continue
         key = m.name.rsplit(".", 1)[0]
         items.append(Item(source, str(path), labels.get(key, -1), m.offset_data, m.size))

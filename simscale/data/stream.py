@@ -29,6 +29,7 @@ rank already consumed in it); resuming needs the same world size and num_workers
 """
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from dataclasses import dataclass
@@ -80,13 +81,40 @@ def sample_rngs(seed: int, epoch: int, index: int) -> list[np.random.Generator]:
     return [np.random.Generator(np.random.PCG64(s)) for s in ss.spawn(3)]
 
 
+class _Unreadable(Exception):
+    """A sample that cannot become a training example (no image member, undecodable bytes)."""
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _report(url: str, key: str, text: str) -> None:
+    """Name a bad shard or sample once per process, on stderr (rank/worker processes included)."""
+    if (url, key) in _reported:
+        return
+    _reported.add((url, key))
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[yellow]{text}[/yellow]", highlight=False, soft_wrap=True)
+
+
 def _read_shard(url: str, skip: int = 0) -> Iterator[dict]:
-    """Samples of one tar in stored order; the first `skip` are read but never decoded."""
-    with remote.open_shard(url) as f:  # a local file, or a URL streamed with retries (remote.py)
-        members = (dict(m, __url__=url) for m in tar_file_iterator(f))
-        for n, sample in enumerate(group_by_keys(members)):
-            if n >= skip:
-                yield sample
+    """Samples of one tar in stored order, raw bytes only (no member is ever decoded here); the
+    first `skip` are read but not yielded. The tar is a local file or a URL streamed with retries
+    (remote.py; a store still failing after its retries is a DataError naming it). An unreadable
+    or truncated tar ends early: the caller counts what is missing (a damaged shard is data to
+    skip, not a crash)."""
+    try:
+        with remote.open_shard(url) as f:
+            members = (dict(m, __url__=url) for m in tar_file_iterator(f))
+            for n, sample in enumerate(group_by_keys(members)):
+                if n >= skip:
+                    yield sample
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tarfile/OS/webdataset errors all mean "the rest is unreadable"
+        _report(url, "", f"shard '{url}' is unreadable from here on ({type(exc).__name__}): its remaining "
+                "samples count as bad; `simscale prepare --verify` checks a shard set")
 
 
 @dataclass
@@ -112,6 +140,7 @@ class _Plan:
     sigma_range: tuple[float, float]
     interleave: int = 1
     io: remote.IOOptions | None = None  # remote shard I/O (retries, cache), set in each worker
+    max_bad_fraction: float = 0.01
 
     def slot_batches(self, slot: int) -> int:
         return max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
@@ -132,12 +161,18 @@ class _Plan:
             for member, _ in seq[:first]:
                 skip[member] += 1
             readers = [_read_shard(self.urls[s], skip=k) for s, k in zip(shards, skip)]
+            short = set()
             for n, (member, offset) in enumerate(seq[first:], start=first):
-                sample = next(readers[member], None)
+                sample = None if member in short else next(readers[member], None)
                 if sample is None:
-                    s = shards[member]
-                    raise DataError(f"shard '{self.urls[s]}' holds fewer samples than its manifest "
-                                    f"says ({offset} < {self.counts[s]}): re-run `simscale prepare`")
+                    url = self.urls[shards[member]]
+                    if member not in short:
+                        short.add(member)
+                        _report(url, "#short", f"shard '{url}' ends after {offset} of its "
+                                f"{self.counts[shards[member]]} samples (truncated or damaged): the missing "
+                                "ones count as bad")
+                    # a placeholder keeps every position (and rank) in step
+                    sample = {"__key__": f"#{offset}", "__url__": url, "__missing__": True}
                 yield pos + n, sample
             start = pos + size
 
@@ -146,31 +181,62 @@ class _Plan:
         shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
                                      worker_seed=lambda: gid)
         shards.epoch = epoch - 1  # ResampledShards counts epochs itself, +1 per iteration
-        k = base
+        k, empty = base, 0
         for entry in shards:
+            before = k
             for sample in _read_shard(entry["url"]):
                 yield k, sample
                 k += 1
+            empty = empty + 1 if k == before else 0
+            if empty > 4 * len(self.urls):  # every shard drawn lately was unreadable: never loop forever
+                raise _NoData(f"no readable sample in the last {empty} shards drawn from '{self.urls[0]}'...: "
+                              "check the shards with `simscale prepare --verify DIR`")
 
     # ------------------------------------------------------------------ decoded batches
     def _decode(self, epoch: int, index: int, sample: dict) -> dict:
         crop_rng, mask_rng, photo_rng = sample_rngs(self.seed, epoch, index)
+        if sample.get("__missing__"):
+            raise _Unreadable("missing from its shard")
         data = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
-        if data is None:
-            raise DataError(f"sample '{sample.get('__key__')}' in '{sample.get('__url__', '?')}' "
-                            "has no .jpg: shards must come from `simscale prepare`")
+        if not isinstance(data, bytes):
+            raise _Unreadable("no .jpg/.jpeg/.png/.webp member")
         try:
             view_a, view_b, geometry = self.crop(data, crop_rng)
-        except Exception as exc:  # noqa: BLE001 - name the sample, not a decoder internals trace
-            raise DataError(f"sample '{sample.get('__key__')}' in '{sample.get('__url__', '?')}' "
-                            f"cannot be decoded ({type(exc).__name__}): rebuild the shards with "
-                            "`simscale prepare`, which skips bad images") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure: this sample is bad, not the run
+            raise _Unreadable(f"cannot be decoded ({type(exc).__name__})") from None
         mask = block_mask(mask_rng, self.grid, self.mask_ratio, self.min_block, self.min_aspect)
-        cls = sample.get("cls")
         return {"view_a": view_a, "view_b": view_b, "geometry": geometry, "mask": mask,
                 "photo_a": draw_params(photo_rng, "a", self.color_aug, self.sigma_range),
                 "photo_b": draw_params(photo_rng, "b", self.color_aug, self.sigma_range),
-                "label": int(cls) if cls else -1, "index": index}
+                "label": _label(sample.get("cls")), "index": index}
+
+    def _decode_or_substitute(self, epoch: int, pos: int, items: list, budget: list[int], slot_start) -> dict:
+        """Decode items[pos]; if it is bad, count it and decode the next good sample of the same
+        chunk in its place (with the bad sample's index, so its crops/mask stay its own draw); if
+        the whole chunk is bad, the first good one of the slot's first chunks (`slot_start()`
+        re-reads them). Deterministic, so every rank still yields the same number of full
+        batches, and a resume replays it exactly."""
+        index, sample = items[pos]
+        try:
+            return self._decode(epoch, index, sample)
+        except _Unreadable as why:
+            url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
+            budget[0] -= 1
+            if not sample.get("__missing__"):
+                _report(url, key, f"skipping sample '{key}' in shard '{url}': {why}; a sample of the same "
+                        "chunk stands in for it")
+            if budget[0] < 0:
+                raise _NoData(f"more than data.max_bad_fraction={self.max_bad_fraction:g} of the samples of "
+                              f"this epoch are unreadable (last: '{key}' in '{url}'): check the shards with "
+                              "`simscale prepare --verify DIR` and re-run `simscale prepare`") from None
+        candidates = [items[(pos + step) % len(items)][1] for step in range(1, len(items))]
+        for other in itertools.chain(candidates, (s for _, s in itertools.islice(slot_start(), 4 * self.chunk))):
+            try:
+                return self._decode(epoch, index, other)
+            except _Unreadable:
+                continue
+        raise _NoData(f"no readable sample in a chunk of {len(items)} around '{sample.get('__key__')}' in "
+                      f"'{sample.get('__url__', '?')}': check the shards with `simscale prepare --verify DIR`")
 
     def batches(self, epoch: int, slot: int, first_local: int) -> Iterator[dict]:
         """Local batches first_local, first_local+1, ... of one slot."""
@@ -180,24 +246,52 @@ class _Plan:
         length = nb * B
         base = self.slot_start(slot)
         chunk0 = (first_local * B) // self.chunk
-        if self.mode == "epoch":
-            raw = self._exact_raw(epoch, base + chunk0 * self.chunk)
-        else:
-            raw = self._resampled_raw(epoch, slot, base)
-            for _ in range(chunk0 * self.chunk):  # replay without decoding
-                next(raw)
+
+        def slot_start():
+            return self._exact_raw(epoch, base) if self.mode == "epoch" else self._resampled_raw(epoch, slot, base)
+
         pos = chunk0 * self.chunk
-        while pos < length:
-            size = min(self.chunk, length - pos)
-            items = [next(raw) for _ in range(size)]
-            perm = np.random.default_rng([self.seed, epoch, _CHUNK_ORDER, base + pos]).permutation(size)
-            for b in range(size // B):
-                local = (pos + b * B) // B
-                if local < first_local:
-                    continue
-                chosen = [items[i] for i in perm[b * B:(b + 1) * B]]
-                yield collate([self._decode(epoch, idx, s) for idx, s in chosen])
-            pos += size
+        # Bad samples this slot may still replace in this epoch (counted from where it starts); at
+        # least one unless data.max_bad_fraction=0, so one bad image never stops a small run.
+        frac = self.max_bad_fraction
+        budget = [max(int(frac * length), 1 if frac > 0 else 0)]
+        try:
+            if self.mode == "epoch":
+                raw = self._exact_raw(epoch, base + chunk0 * self.chunk)
+            else:
+                raw = self._resampled_raw(epoch, slot, base)
+                for _ in range(chunk0 * self.chunk):  # replay without decoding
+                    next(raw)
+            while pos < length:
+                size = min(self.chunk, length - pos)
+                items = [next(raw) for _ in range(size)]
+                perm = np.random.default_rng([self.seed, epoch, _CHUNK_ORDER, base + pos]).permutation(size)
+                for b in range(size // B):
+                    local = (pos + b * B) // B
+                    if local < first_local:
+                        continue
+                    yield collate([self._decode_or_substitute(epoch, int(i), items, budget, slot_start)
+                                   for i in perm[b * B:(b + 1) * B]])
+                pos += size
+        except _NoData as exc:
+            # Raised in the main process by TwoViewStream.batches: an exception inside a DataLoader
+            # worker would reach the user as a multi-line traceback.
+            yield {STOP: str(exc)}
+
+
+class _NoData(Exception):
+    """Too many bad samples: the run must stop (one line, raised in the main process)."""
+
+
+STOP = "__stop__"
+
+
+def _label(cls) -> int:
+    """A .cls member as an ASCII integer; anything else is 'unlabelled' (-1), never an exception."""
+    try:
+        return int(cls.decode("ascii").strip()) if isinstance(cls, bytes) and len(cls) < 32 else -1
+    except (UnicodeDecodeError, ValueError):
+        return -1
 
 
 def collate(samples: list[dict]) -> dict:
@@ -282,7 +376,7 @@ class TwoViewStream:
             mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,
             min_aspect=d.mask.min_aspect, color_aug=d.color_aug,
             sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)), interleave=d.shard_interleave,
-            io=io)
+            io=io, max_bad_fraction=d.max_bad_fraction)
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """Batches skip, skip+1, ... of `epoch` for this rank; ends after batches_per_epoch."""
@@ -298,4 +392,7 @@ class TwoViewStream:
                             pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if self.num_workers else None,
                             generator=torch.Generator().manual_seed(epoch))
-        yield from loader
+        for batch in loader:
+            if STOP in batch:
+                raise DataError(batch[STOP])
+            yield batch

@@ -14,9 +14,11 @@ centre-crop img_size, normalise. Grayscale and palette images are converted to R
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import tarfile
 from pathlib import Path
 
 import torch
@@ -96,26 +98,56 @@ def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> trans
     ])
 
 
+_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+_UNLABELLED, _UNDECODABLE = -1, -2
+
+
+def _decode_image(data: bytes):
+    """Image bytes -> PIL image, by PIL's image decoders only (shard members are never unpickled)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.copy()
+
+
+def _decode_label(data) -> int | None:
+    """A .cls member: an ASCII integer, else None."""
+    try:
+        return int(data.decode("ascii").strip()) if isinstance(data, bytes) and len(data) < 32 else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 class _ImageAndLabel:
-    """sample dict -> (image tensor, label); a class, not a closure, so workers can pickle it."""
+    """raw sample dict -> (image tensor, label); a class, not a closure, so workers can pickle it.
+
+    Only the image member and `.cls` are read, with the explicit decoders above; every other
+    member (.pyd, .pkl, .pth, .json, ...) is ignored unread. webdataset's `.decode()` is not used:
+    its default handlers unpickle .pyd/.pkl and torch.load .pth members.
+    """
 
     def __init__(self, transform):
         self.transform = transform
 
     def __call__(self, sample: dict):
-        image = sample.get("jpg", sample.get("jpeg", sample.get("png", sample.get("webp"))))
-        label = sample.get("cls")
-        # Unlabelled or imageless samples are flagged (-1) rather than raised here: an error
-        # inside a DataLoader worker would reach the user as a multi-line traceback.
-        if image is None or label is None:
-            return torch.zeros(3, 1, 1), -1
-        return self.transform(image), int(label)
+        data = next((sample[k] for k in _IMAGE_MEMBERS if isinstance(sample.get(k), bytes)), None)
+        label = _decode_label(sample.get("cls"))
+        # Bad samples are flagged rather than raised here: an error inside a DataLoader worker
+        # would reach the user as a multi-line traceback.
+        if data is None or label is None:
+            return torch.zeros(3, 1, 1), _UNLABELLED, str(sample.get("__key__"))
+        try:
+            return self.transform(_decode_image(data)), label, ""
+        except Exception:  # noqa: BLE001 - a corrupt image is named by the caller, not traced
+            return torch.zeros(3, 1, 1), _UNDECODABLE, f"{sample.get('__key__')} in {sample.get('__url__')}"
 
 
 def _collate(items):
-    if any(y < 0 for _, y in items):
-        return None, torch.tensor([-1])
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    bad = next(((y, key) for _, y, key in items if y < 0), None)
+    if bad is not None:
+        return None, bad
+    return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])
 
 
 def _opened(entries):
@@ -129,8 +161,7 @@ def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
     # Every process reads every shard, in order: evaluation is not split across ranks.
     dataset = wds.DataPipeline(
         wds.SimpleShardList(shards.urls), wds.split_by_worker,
-        _opened, tar_file_expander, group_by_keys,
-        wds.decode("pil"),
+        _opened, tar_file_expander, group_by_keys,  # raw bytes: only the image and .cls are decoded
         wds.map(_ImageAndLabel(transform)),
     )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(shards.urls)),
@@ -142,6 +173,29 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if hasattr(model, "forward_head"):
         return model.forward_head(model.forward_features(images), pre_logits=True)
     return model(images)
+
+
+def labelled_batches(shard_set: ShardSet, transform, batch_size: int, workers: int):
+    """(images, labels) batches of labelled shards; a damaged shard, an undecodable image or an
+    unlabelled sample is one DataError line naming it (never a worker's traceback)."""
+    batches = iter(_loader(shard_set, transform, batch_size, workers))
+    while True:
+        try:
+            images, y = next(batches)
+        except StopIteration:
+            return
+        except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
+            # a truncated or damaged tar (webdataset raises it inside a worker, with a trace)
+            raise DataError(f"shards '{shard_set.urls[0]}'... cannot be read ({type(exc).__name__}): check "
+                            "them with `simscale prepare --verify DIR`") from None
+        if images is None:
+            code, key = y
+            if code == _UNDECODABLE:
+                raise DataError(f"sample {key} cannot be decoded as an image: check the shards with "
+                                "`simscale prepare --verify DIR` and re-run `simscale prepare`")
+            raise DataError(f"shards '{shard_set.urls[0]}'... hold samples without an image or a .cls "
+                            "label: prepare them from class folders (`simscale prepare CLASS_DIR`)")
+        yield images, y
 
 
 @torch.no_grad()  # not inference_mode: the linear probe trains on these tensors
@@ -167,10 +221,7 @@ def extract_features(
     model.eval()
     feats, labels = [], []
     try:
-        for images, y in _loader(shard_set, transform, batch_size, workers):
-            if images is None:
-                raise DataError(f"shards '{shard_set.urls[0]}'... hold samples without an image or a .cls "
-                                "label: prepare them from class folders (`simscale prepare CLASS_DIR`)")
+        for images, y in labelled_batches(shard_set, transform, batch_size, workers):
             out = pooled_features(model, images.to(param.device, param.dtype))
             feats.append(out.float().cpu())
             labels.append(y)
@@ -190,10 +241,7 @@ def pixel_features(shards: str | ShardSet, img_size: int, batch_size: int = 256,
     shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
     transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
     feats, labels = [], []
-    for images, y in _loader(shard_set, transform, batch_size, workers):
-        if images is None:
-            raise DataError(f"shards '{shard_set.urls[0]}'... hold samples without an image or a .cls "
-                            "label: prepare them from class folders (`simscale prepare CLASS_DIR`)")
+    for images, y in labelled_batches(shard_set, transform, batch_size, workers):
         feats.append(images.flatten(1))
         labels.append(y)
     if not feats:
@@ -207,6 +255,12 @@ def default_workers() -> int:
 
 def encode_splits(args) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], int]:
     """CLI helper for both probes: load --model, encode --train and --val. Returns (train, val, n_classes)."""
+    for flag, attr, low, strict in (("--batch-size", "batch_size", 1, False), ("--workers", "workers", 0, False),
+                                    ("--k", "k", 1, False), ("--temperature", "temperature", 0, True),
+                                    ("--weight-decay", "weight_decay", 0, False)):
+        value = getattr(args, attr, None)
+        if value is not None and (value < low or (strict and value == low) or value != value):
+            raise DataError(f"{flag} must be {'>' if strict else '>='} {low}, got {value}")
     train_set, val_set = resolve_shards(args.train), resolve_shards(args.val)
     if train_set.classes and val_set.classes and list(train_set.classes) != list(val_set.classes):
         raise DataError(f"--train and --val name different classes ({len(train_set.classes)} vs "

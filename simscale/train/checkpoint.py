@@ -1,12 +1,18 @@
 """Checkpoints that never lie: DeepSpeed's sharded save plus simscale's own per-rank state.
 
 Layout under RUN_DIR/checkpoints/:
-    step_00000100/          DeepSpeed's files (any ZeRO stage) + simscale_rank00000.pt ... + COMPLETE
+    step_00000100/          DeepSpeed's files (any ZeRO stage), simscale_rank00000.safetensors/.json
+                            ... (rank_state.py), COMPLETE
     latest                  the name of the newest complete checkpoint
-A checkpoint counts only when its COMPLETE file exists and every file it lists has the listed
-size; COMPLETE is written by rank 0 after all ranks finished (a barrier), and `latest` moves
-only after that, by atomic rename. A crash mid-save leaves at worst an incomplete directory that
-resume skips. (The run directory must be on a file system every rank sees.)
+COMPLETE lists every file with its size and sha256; each rank hashes the files it wrote (its
+optimizer partition, its simscale state; rank 0 also DeepSpeed's shared model file), the hashes
+are gathered, and rank 0 writes COMPLETE after all ranks finished, then moves `latest` by atomic
+rename. A checkpoint counts only when COMPLETE exists and every file has its listed size
+(`complete_tags`, cheap: used for pruning); before anything is loaded (`--resume`, `export`)
+the contents are checked against the hashes too, each rank hashing its own share, and a
+damaged checkpoint is skipped with one line for the previous one. Nothing is unpickled: the
+simscale state is safetensors + JSON, DeepSpeed's files load under `weights_only_loads()`.
+(The run directory must be on a file system every rank sees.)
 """
 from __future__ import annotations
 
@@ -17,15 +23,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from simscale.checksum import ALGORITHM, file_digest
 from simscale.errors import CheckpointError
+from simscale.train.rank_state import load_rank_state, save_rank_state
+from simscale.train.weights_only import weights_only_loads
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step_(\d{8})$")
+_WRITER = re.compile(r"(?:pp_rank_|simscale_rank)0*(\d+)")  # DeepSpeed's and our per-rank file names
 console = Console(stderr=True)
 
 
@@ -42,26 +51,77 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def verify(tag_dir: Path) -> str | None:
-    """None when the checkpoint is complete, else the reason it is not."""
+def writer_rank(name: str, world_size: int) -> int:
+    """The rank that wrote (and hashes) a checkpoint file: its own per-rank files, rank 0 the rest."""
+    m = _WRITER.search(Path(name).name)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def verify(tag_dir: Path, content: bool = False, share: tuple[int, int] | None = None) -> str | None:
+    """None when the checkpoint is complete, else the reason it is not.
+
+    Sizes of all listed files always; with `content`, also the sha256 of the files in `share`
+    (rank, world_size) -> that rank's own files, or of every file when share is None.
+    """
     marker = tag_dir / COMPLETE
     if not marker.is_file():
         return "no COMPLETE marker (the save did not finish)"
     try:
         meta = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+        files = meta["files"]
+        assert isinstance(files, dict) and files
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return "COMPLETE marker is unreadable"
-    for name, size in meta["files"].items():
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or ALGORITHM not in entry or "bytes" not in entry:
+            return f"COMPLETE lists no {ALGORITHM} for '{name}' (written by an older simscale)"
         f = tag_dir / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"COMPLETE names a file outside the checkpoint ('{name}')"
         if not f.is_file():
             return f"file '{name}' is missing"
-        if f.stat().st_size != size:
-            return f"file '{name}' is {f.stat().st_size} bytes, expected {size} (truncated)"
+        if f.stat().st_size != entry["bytes"]:
+            return f"file '{name}' is {f.stat().st_size} bytes, expected {entry['bytes']} (truncated)"
+    if content:
+        for name, entry in files.items():
+            if share is not None and writer_rank(name, share[1]) != share[0]:
+                continue
+            if file_digest(tag_dir / name) != entry[ALGORITHM]:
+                return f"file '{name}' does not match its {ALGORITHM} (damaged after it was written)"
     return None
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
-    return json.loads((tag_dir / COMPLETE).read_text())
+    """COMPLETE's contents, checked for the keys a resume/export reads (it may come from anywhere)."""
+    try:
+        meta = json.loads((tag_dir / COMPLETE).read_text())
+        ok = isinstance(meta, dict) and isinstance(meta.get("world_size"), int) and meta["world_size"] >= 1 \
+            and isinstance(meta.get("config"), dict) and isinstance(meta.get("step"), int)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"'{tag_dir / COMPLETE}' is not a simscale checkpoint marker (step, world_size, "
+                              "config): resume or export another checkpoint")
+    return meta
+
+
+def _collective() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def os_reason(exc: BaseException, where: Path) -> str:
+    """What went wrong in words ('No space left on device: path'), from an OSError or torch's wrapper."""
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        return f"{cause.strerror}: '{cause.filename}'" if cause.filename else str(cause.strerror)
+    try:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file ..."
+        if shutil.disk_usage(where).free < (16 << 20):
+            return f"No space left on device: '{where}'"
+    except OSError:
+        pass
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 class Checkpointer:
@@ -77,64 +137,114 @@ class Checkpointer:
         return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
 
     def complete_tags(self) -> list[Path]:
+        """Checkpoints whose files all exist at their listed sizes (no hashing: cheap)."""
         return [p for p in self.tags() if verify(p) is None]
 
+    def intact_line(self, exclude: Path | None = None) -> str:
+        good = [p for p in self.complete_tags() if p != exclude]
+        return f"the previous checkpoint {good[-1].name} is intact" if good else "no earlier checkpoint exists"
+
+    def verify_content(self, tag_dir: Path) -> str | None:
+        """Full check before a load: every rank hashes its own files; collective when distributed."""
+        if not _collective():
+            return verify(tag_dir, content=True)
+        problem = verify(tag_dir, content=True, share=(self.rank, self.world_size))
+        problems: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p), None)
+
     def find_resumable(self, resume: str) -> Path | None:
-        """'none' -> None; 'auto' -> newest complete checkpoint (or None); else that directory."""
+        """'none' -> None; 'auto' -> newest verified checkpoint (or None); else that directory."""
         if resume == "none":
             return None
         if resume != "auto":
             tag_dir = Path(resume)
-            problem = verify(tag_dir) if tag_dir.is_dir() else "it does not exist"
+            problem = self.verify_content(tag_dir) if tag_dir.is_dir() else "it does not exist"
             if problem:
                 raise CheckpointError(f"cannot resume from '{tag_dir}': {problem}; "
                                       "pick another step_* directory or use --resume auto")
             return tag_dir
         for tag_dir in reversed(self.tags()):
-            problem = verify(tag_dir)
+            problem = self.verify_content(tag_dir)
             if problem is None:
                 return tag_dir
             if self.rank == 0:
                 console.print(f"[yellow]skipping checkpoint {tag_dir.name}: {problem}; "
-                              "using the previous one[/yellow]")
+                              "using the previous one[/yellow]", highlight=False, soft_wrap=True)
         return None
 
     # -- saving ----------------------------------------------------------------------------------
+    def _write_error(self, exc: BaseException, tag_dir: Path) -> CheckpointError:
+        return CheckpointError(f"cannot write checkpoint '{tag_dir}' ({os_reason(exc, self.root)}); "
+                               f"{self.intact_line(exclude=tag_dir)}: free space or fix permissions, "
+                               "then rerun (--resume auto continues from it)")
+
+    def _hash_own(self, tag_dir: Path) -> dict[str, dict[str, Any]]:
+        own = {}
+        for p in sorted(tag_dir.rglob("*")):
+            name = str(p.relative_to(tag_dir))
+            if p.is_file() and p.name != COMPLETE and writer_rank(name, self.world_size) == self.rank:
+                own[name] = {"bytes": p.stat().st_size, ALGORITHM: file_digest(p)}
+        return own
+
     def save(self, engine, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. `state` is this rank's simscale state."""
+        """Collective: every rank calls it. `state` is this rank's simscale state (rank_state.py)."""
         tag = tag_for(step)
         tag_dir = self.root / tag
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tag_dir.exists():  # a leftover of a crashed save of the same step
-                shutil.rmtree(tag_dir)
+        try:
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tag_dir.exists():  # a leftover of a crashed save of the same step
+                    shutil.rmtree(tag_dir)
+        except OSError as exc:
+            raise self._write_error(exc, tag_dir) from None
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        own = tag_dir / f"simscale_rank{self.rank:05d}.pt"
-        tmp = own.with_name(f".{own.name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, own)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            save_rank_state(tag_dir, self.rank, state)
+        except (OSError, RuntimeError) as exc:
+            # This rank stops with one line; the launcher ends the others. The partial directory
+            # never counts (no COMPLETE) and is removed to give the space back.
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            raise self._write_error(exc, tag_dir) from None
         dist.barrier()
+        own = self._hash_own(tag_dir)
+        shares: list[dict | None] = [own]
+        if _collective():
+            shares = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, own)
         if self.rank == 0:
-            files = {str(p.relative_to(tag_dir)): p.stat().st_size
-                     for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
-            _atomic_write(tag_dir / COMPLETE, json.dumps(
-                {"step": step, "world_size": self.world_size, "files": files, **meta}, indent=1))
-            _atomic_write(self.root / LATEST, tag)
+            files = {k: v for share in shares for k, v in (share or {}).items()}
+            try:
+                _atomic_write(tag_dir / COMPLETE, json.dumps(
+                    {"step": step, "world_size": self.world_size, "files": dict(sorted(files.items())), **meta},
+                    indent=1))
+                _atomic_write(self.root / LATEST, tag)
+            except OSError as exc:
+                (tag_dir / COMPLETE).unlink(missing_ok=True)
+                raise self._write_error(exc, tag_dir) from None
             self._prune()
         dist.barrier()
         return tag_dir
 
     def _prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints; never the newest one or `latest`'s."""
         complete = self.complete_tags()
-        for old in complete[: max(len(complete) - self.keep_last, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+        if not complete:
+            return
+        protected = {p.name for p in complete[-max(self.keep_last, 1):]}
+        try:
+            protected.add((self.root / LATEST).read_text().strip())
+        except OSError:
+            pass
+        for old in complete:
+            if old.name not in protected:
+                shutil.rmtree(old, ignore_errors=True)
         # Incomplete directories older than the newest complete one are dead leftovers.
-        if complete:
-            newest = int(_TAG.match(complete[-1].name).group(1))
-            for p in self.tags():
-                if verify(p) is not None and int(_TAG.match(p.name).group(1)) < newest:
-                    shutil.rmtree(p, ignore_errors=True)
+        newest = int(_TAG.match(complete[-1].name).group(1))
+        for p in self.tags():
+            if p.name not in protected and verify(p) is not None and int(_TAG.match(p.name).group(1)) < newest:
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, engine, tag_dir: Path) -> dict[str, Any]:
@@ -144,17 +254,19 @@ class Checkpointer:
                 f"checkpoint '{tag_dir}' was written by {meta['world_size']} ranks, this run has "
                 f"{self.world_size}: resume with the same number of processes"
             )
-        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False, load_module_strict=True)
+        try:
+            with weights_only_loads():
+                path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False, load_module_strict=True)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
+            raise CheckpointError(f"DeepSpeed could not load '{tag_dir}' ({type(exc).__name__}); the checkpoint "
+                                  "is damaged: delete it to resume from the previous one") from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load '{tag_dir}': the checkpoint is damaged; "
                                   "delete it to resume from the previous one")
-        try:
-            return torch.load(tag_dir / f"simscale_rank{self.rank:05d}.pt", map_location="cpu",
-                              weights_only=False)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise CheckpointError(f"simscale state in '{tag_dir}' is unreadable ({exc}); "
-                                  "delete the directory to resume from the previous one") from None
+        return load_rank_state(tag_dir, self.rank)
 
 
 def check_compatible(saved_cfg: dict[str, Any], cfg: dict[str, Any], tag_dir: Path) -> None:

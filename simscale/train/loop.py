@@ -8,6 +8,7 @@ count it, skip the EMA, and stop after a configured streak.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -135,13 +136,25 @@ class Trainer:
         check_compatible(read_meta(tag_dir)["config"], to_dict(self.cfg), tag_dir)
         saved = self.ckpt.load(self.engine, tag_dir)
         self.ema.load_state_dict(saved["ema"])
-        self.state = saved["loop"]
-        _set_rng(saved["rng"])
+        defaults = dataclasses.asdict(LoopState())
+        loop = {k: v for k, v in saved["loop"].items() if k in defaults}
+        wrong = [k for k, v in loop.items() if type(v) is not type(defaults[k]) and
+                 not (isinstance(defaults[k], float) and isinstance(v, int))]
+        if wrong:
+            raise SimscaleError(f"loop state in '{tag_dir}' has a wrong type for '{wrong[0]}': "
+                                "resume from another checkpoint")
+        self.state = LoopState(**loop)
+        try:
+            _set_rng(saved["rng"])
+        except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
+                                "resume from another checkpoint") from None
+        self.sink.drop_from(self.state.step)  # the steps about to be replayed are logged again
         self.sink.print(f"resumed from {tag_dir} at step {self.state.step} "
                         f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
 
     def save(self) -> Path:
-        state = {"loop": self.state, "ema": self.ema.state_dict(), "rng": self.state.rng()}
+        state = {"loop": dataclasses.asdict(self.state), "ema": self.ema.state_dict(), "rng": self.state.rng()}
         meta = {"config": to_dict(self.cfg), "ema_layout": self.ema.state_dict()["layout"]}
         return self.ckpt.save(self.engine, self.state.step, state, meta)
 

@@ -78,6 +78,24 @@ class MetricsSink:
                     + f"  mem {values.get('memory_gb', 0):.1f} GB  data {values.get('data_wait', 0):.0%}")
             self.progress.update(self.task, completed=step + 1, info=info)
 
+    def drop_from(self, step: int) -> None:
+        """After a resume at `step`: remove records of steps >= step (they are replayed), keep the rest."""
+        if self.jsonl is None:
+            return
+        path = Path(self.jsonl.name)
+        self.jsonl.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut by a crash mid-write
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+        self.jsonl = open(path, "a", buffering=1)
+
     def advance(self, step: int) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=step + 1)

@@ -38,15 +38,12 @@ def load_split(spec: str, img_size: int, limit: int, rank: int, world: int) -> t
 
     Returns (images [n_pad, 3, S, S], labels [n_pad] with -1 on padding rows, total count).
     """
-    from simscale.eval.features import IMAGENET_MEAN, IMAGENET_STD, _loader, eval_transform
+    from simscale.eval.features import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
 
     shards = resolve_shards(spec)
     transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
     images, labels = [], []
-    for x, y in _loader(shards, transform, batch_size=256, workers=0):
-        if x is None:
-            raise DataError(f"eval shards '{spec}' hold samples without an image or a .cls label: "
-                            "prepare them from class folders (`simscale prepare CLASS_DIR --out DIR`)")
+    for x, y in labelled_batches(shards, transform, batch_size=256, workers=0):
         images.append(x)
         labels.append(y)
         if sum(len(t) for t in labels) >= limit:

@@ -183,7 +183,7 @@ def test_fewer_shards_than_slots_still_covers_each_sample_once(shards, tmp_path)
     assert set(seen) == set(range((N // 6) * 6))  # one shard: the dropped remainder is its tail
 
 
-def test_undecodable_sample_is_a_data_error_naming_it(tmp_path):
+def test_undecodable_sample_past_max_bad_fraction_is_a_data_error_naming_it(tmp_path):
     import io
     import tarfile
     with tarfile.open(tmp_path / "shard-000000.tar", "w") as tf:
@@ -194,5 +194,7 @@ def test_undecodable_sample_is_a_data_error_naming_it(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     from simscale.data.shards import write_manifest
     write_manifest(tmp_path, [{"name": "shard-000000.tar", "samples": 4, "bytes": 0, "sha256": ""}], None)
-    with pytest.raises(DataError, match="000000002"):
-        collect(TwoViewStream(cfg_for(tmp_path, batch=4, shuffle_buffer=4)), 0)
+    with pytest.raises(DataError, match="000000002"):  # strict: no bad sample allowed
+        collect(TwoViewStream(cfg_for(tmp_path, batch=4, shuffle_buffer=4, max_bad_fraction=0)), 0)
+    # by default one bad sample is a named skip with a stand-in (tests/data/test_bad_samples.py)
+    assert len(collect(TwoViewStream(cfg_for(tmp_path, batch=4, shuffle_buffer=4)), 0)) == 1

@@ -1,4 +1,5 @@
-"""What makes a checkpoint count: a COMPLETE marker and every listed file at its listed size."""
+"""What makes a checkpoint count: a COMPLETE marker, every listed file at its listed size and sha256."""
+import hashlib
 import json
 
 import pytest
@@ -14,8 +15,9 @@ def make_tag(root, step, complete=True):
     (d / "sub").mkdir()
     (d / "sub" / "b.pt").write_bytes(b"y" * 10)
     if complete:
-        (d / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 2,
-                                                "files": {"a.pt": 100, "sub/b.pt": 10}}))
+        files = {n: {"bytes": (d / n).stat().st_size, "sha256": hashlib.sha256((d / n).read_bytes()).hexdigest()}
+                 for n in ("a.pt", "sub/b.pt")}
+        (d / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 2, "files": files}))
     return d
 
 
@@ -65,3 +67,39 @@ def test_keep_last_prunes_old_and_dead_checkpoints(tmp_path):
     ck = Checkpointer(tmp_path, rank=0, world_size=2, keep_last=2)
     ck._prune()
     assert [p.name for p in ck.tags()] == [tag_for(4), tag_for(6)]
+
+
+def test_flipped_bytes_are_caught_by_the_content_check_only(tmp_path):
+    d = make_tag(tmp_path, 7)
+    raw = bytearray((d / "a.pt").read_bytes())
+    raw[40:44] = b"ZZZZ"  # same size, other content
+    (d / "a.pt").write_bytes(bytes(raw))
+    assert verify(d) is None  # sizes alone cannot see it
+    assert "does not match its sha256" in verify(d, content=True)
+
+
+def test_auto_resume_skips_a_damaged_checkpoint_with_one_line(tmp_path, capsys):
+    make_tag(tmp_path, 10)
+    d = make_tag(tmp_path, 20)
+    (d / "sub" / "b.pt").write_bytes(b"z" * 10)
+    ck = Checkpointer(tmp_path, rank=0, world_size=1, keep_last=3)
+    assert ck.find_resumable("auto").name == tag_for(10)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step_00000020" in err and "sub/b.pt" in err
+    with pytest.raises(CheckpointError, match="does not match"):
+        ck.find_resumable(str(d))
+
+
+def test_size_only_marker_of_older_versions_is_not_trusted(tmp_path):
+    d = make_tag(tmp_path, 3)
+    (d / "COMPLETE").write_text(json.dumps({"step": 3, "world_size": 2, "files": {"a.pt": 100, "sub/b.pt": 10}}))
+    assert "no sha256" in verify(d)
+
+
+def test_pruning_keeps_the_newest_and_the_one_latest_names(tmp_path):
+    for step in (1, 2, 3):
+        make_tag(tmp_path, step)
+    (tmp_path / "checkpoints" / "latest").write_text(tag_for(2))
+    ck = Checkpointer(tmp_path, rank=0, world_size=2, keep_last=0)  # below the config's minimum of 1
+    ck._prune()
+    assert [p.name for p in ck.tags()] == [tag_for(2), tag_for(3)]
