@@ -113,7 +113,7 @@ class DeepSpeedConfig:
 class LogConfig:
     every: int = 10  # steps between metric lines
     tensorboard: bool = True
-    progress: bool = True  # rich live progress on rank 0
+    progress: bool = True  # progress on rank 0: a rich bar on a terminal, else a plain line per logged step
 
 
 @dataclass
@@ -123,13 +123,6 @@ class RunConfig:
     save_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_last: int = 3
     max_nonfinite_streak: int = 10  # consecutive skipped steps before the run stops
-
-
-@dataclass
-class FaultConfig:
-    """Fault injection, for the tests that prove resume and NaN handling (off by default)."""
-    nan_at_step: int = -1  # make this step's loss NaN (the step must be skipped)
-    kill_at_step: int = -1  # hard-exit the process right after this step (no cleanup)
 
 
 @dataclass
@@ -143,7 +136,6 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 # ---------------------------------------------------------------------------------------------

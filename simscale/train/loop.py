@@ -8,7 +8,6 @@ count it, skip the EMA, and stop after a configured streak.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -63,7 +62,9 @@ def param_groups(model) -> list[dict[str, Any]]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto", dist_info: DistInfo | None = None):
+    def __init__(self, cfg: Config, resume: str = "auto", dist_info: DistInfo | None = None,
+                 live_progress: bool = False):
+        """`live_progress`: a rich bar (stderr is a terminal) rather than plain log lines; the CLI decides."""
         import deepspeed
 
         from simscale.data.stream import TwoViewStream
@@ -113,7 +114,7 @@ class Trainer:
         self.state = LoopState()
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
-                                self.schedule.total_steps)
+                                self.schedule.total_steps, live=live_progress)
         self.sink.print(f"simscale: {self.cfg.preset}, world {self.info.world_size} ({self.info.backend}), "
                         f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
                         f"{self.schedule.total_steps} steps of global batch "
@@ -173,8 +174,7 @@ class Trainer:
             batch = next(batches)
             data_wait += time.perf_counter() - t0
             view_a, view_b, geometry, mask = self._to_device(batch)
-            if s.step == self.cfg.fault.nan_at_step:
-                view_a = view_a * float("nan")
+            view_a = self._fault_inputs(view_a)
             out = self.engine(view_a, view_b, geometry, mask)
             loss, stats = self.model.loss(out)
             self.engine.backward(loss)
@@ -197,7 +197,15 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         return {"loss": float(mean_loss), "lr": lr, "weight_decay": wd, "momentum": momentum,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait}
+                "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait,
+                "loss_stats": stats}  # the last micro-batch's terms, tensors: read only when logged
+
+    # -- test seams: no-ops here; tests/train/faults.py overrides them (NaN inputs, a hard crash) --
+    def _fault_inputs(self, view_a: torch.Tensor) -> torch.Tensor:
+        return view_a
+
+    def _fault_after_step(self) -> None:
+        pass
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> LoopState:
@@ -211,7 +219,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 m = self.train_step(batches)
                 dt = time.perf_counter() - t0
-                step = s.step - 1
+                # Steps are numbered by optimizer steps completed: the first logs as step 1, and the
+                # last of an N-step run as N, the same N as its checkpoint step_{N:08d}.
+                step = s.step
+                stats = m.pop("loss_stats")
                 if not m["applied"]:
                     self.sink.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
                                     f"({s.nonfinite_streak} in a row, {s.skipped} in all)[/yellow]")
@@ -223,23 +234,37 @@ class Trainer:
                             f"(run.max_nonfinite_streak={cfg.run.max_nonfinite_streak}; skipped steps changed "
                             f"no weights); {where}: lower optim.base_lr or check the data"
                         )
-                if step % cfg.log.every == 0 or s.step == total:
+                if step % cfg.log.every == 0 or step == 1 or step == total:
                     achieved = self.flops_per_sample * global_batch / dt / self.info.world_size
                     m.update(images_per_s=global_batch / dt, step_time=dt, data_wait=m.pop("data_time") / dt,
                              tflops_per_device=achieved / 1e12,
                              mfu=achieved / self.peak if self.peak else None, memory_gb=memory_gb(),
                              epoch=s.epoch)
+                    # Rank 0's UniGrad terms (align, uniform per global/dense term; target std).
+                    m.update({k: float(v) for k, v in stats.items() if k != "loss"})
                     self.sink.log(step, m)
                 else:
                     self.sink.advance(step)
                 if s.step % cfg.run.save_every == 0 or s.step == total:
                     self.save()
-                if s.step - 1 == cfg.fault.kill_at_step:
-                    os._exit(17)  # simulated crash: no cleanup, no final checkpoint
+                self._fault_after_step()
         finally:
             self.sink.close()
+        if self.info.is_main:
+            self._write_report()
         return s
 
+    def _write_report(self) -> None:
+        """Plots + summary in RUN_DIR/report (simscale.report); a plotting problem never fails a run."""
+        try:
+            from simscale.report import write_report
 
-def train(cfg: Config, resume: str = "auto") -> LoopState:
-    return Trainer(cfg, resume).fit()
+            files, _ = write_report(self.run_dir)
+            self.sink.print(f"report: {len(files)} files in {files[0].parent} (`simscale report` redraws)")
+        except Exception as exc:  # noqa: BLE001 - training is done and saved; the report is a bonus
+            self.sink.print(f"[yellow]no report written ({type(exc).__name__}: {exc}); "
+                            f"try `simscale report {self.run_dir}`[/yellow]")
+
+
+def train(cfg: Config, resume: str = "auto", live_progress: bool = False) -> LoopState:
+    return Trainer(cfg, resume, live_progress=live_progress).fit()
