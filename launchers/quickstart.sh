@@ -19,7 +19,8 @@ STEPS=${STEPS:-900}
 BATCH=${BATCH:-64}
 NPROC=${NPROC:-2}
 PYTHON=${PYTHON:-.venv/bin/python}
-export PATH="$(dirname "$PYTHON"):$PATH"  # the venv's deepspeed launcher
+PATH="$(dirname "$PYTHON"):$PATH"  # the venv's deepspeed launcher
+export PATH
 export SIMSCALE_NO_PROGRESS=${SIMSCALE_NO_PROGRESS:-0}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
