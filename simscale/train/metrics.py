@@ -110,6 +110,11 @@ class MetricsSink:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(f"train/{key}", value, step)
+        if "loss" not in values:  # an evaluation record (e.g. online k-NN): its own short line
+            if self.progress is not None or self.plain:
+                self.console.print(f"step {step}/{self.total}  " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)), highlight=False, markup=False)
+            return
         if self.progress is not None:
             info = (f"loss {values.get('loss', float('nan')):.4f}  lr {values.get('lr', 0):.2e}  "
                     f"{values.get('images_per_s', 0):.1f} img/s  {values.get('tflops_per_device', 0):.3f} TFLOP/s"

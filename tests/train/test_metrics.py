@@ -21,6 +21,13 @@ def test_plain_lines_every_logged_step_with_mfu_only_when_known(tmp_path, capsys
     assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [10, 20]
 
 
+def test_an_evaluation_record_gets_its_own_line_not_a_training_line(tmp_path, capsys):
+    sink = MetricsSink(tmp_path, enabled=True, tensorboard=False, progress=True, total_steps=100, live=False)
+    sink.log(50, {"knn_online_top1": 0.6123, "knn_target_top1": 0.625})
+    sink.close()
+    assert capsys.readouterr().err.splitlines() == ["step 50/100  knn_online_top1 0.6123  knn_target_top1 0.6250"]
+
+
 def test_live_bar_instead_of_lines_and_nothing_when_progress_is_off(tmp_path, capsys):
     live = MetricsSink(tmp_path / "a", enabled=True, tensorboard=False, progress=True, total_steps=5, live=True)
     assert live.progress is not None and not live.plain
