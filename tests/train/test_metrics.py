@@ -49,3 +49,20 @@ def test_no_progress_env_means_plain_lines_not_silence(monkeypatch):
 def test_eta_format():
     assert [format_duration(s) for s in (5, 65, 3725)] == ["0m05s", "1m05s", "1h02m"]
     assert "ETA 1h02m" in plain_line(1, 2, VALUES, 3725)
+
+
+def test_a_failing_report_never_fails_the_finished_run(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from simscale import report
+    from simscale.train.loop import Trainer
+
+    sink = MetricsSink(tmp_path, enabled=True, tensorboard=False, progress=True, total_steps=2, live=False)
+    sink.log(1, VALUES)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no usable font")
+
+    monkeypatch.setattr(report, "plot", broken)
+    Trainer._write_report(SimpleNamespace(run_dir=tmp_path, sink=sink))  # the loop's own method, no engine needed
+    assert "no report written (RuntimeError: no usable font); try `simscale report" in capsys.readouterr().err
