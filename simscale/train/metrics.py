@@ -131,7 +131,7 @@ class MetricsSink:
 
     def print(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)  # one line per message in a log file, however long
 
     def close(self) -> None:
         if self.progress is not None:
