@@ -113,7 +113,7 @@ def plot(records: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     knn = keys_like(records, "knn_")
     if knn:
         fig, ax = _figure(1, f"{name}: online k-NN")
-        _panel(ax[0], records, knn, "k-NN")
+        _panel(ax[0], records, knn, "k-NN top-1")
         save(fig, "knn.png")
     return written
 
@@ -128,8 +128,9 @@ def summary(records: list[dict[str, Any]], name: str) -> str:
     _, losses = series(records, "loss")
     tail = losses[-max(1, len(losses) // 10):]  # the last tenth of the logged steps
     lines = [f"run {name}: steps {first['step']}..{last['step']} logged ({len(records)} records)"]
-    if "time" in first and "time" in last:
-        lines[0] += f", {(last['time'] - first['time']) / 60:.1f} min between first and last"
+    _, times = series(records, "time")
+    if times:
+        lines[0] += f", {(max(times) - min(times)) / 60:.1f} min between first and last"
     if losses:
         lines.append(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}, mean of last tenth {statistics.fmean(tail):.4f}, "
                      f"min {min(losses):.4f}")
@@ -168,6 +169,6 @@ def cli_main(args) -> int:
 
     files, text = write_report(args.run_dir, args.out)
     console = Console()
-    console.print(text, highlight=False)
+    console.print(text, highlight=False, soft_wrap=True)
     console.print(f"wrote {', '.join(str(f) for f in files)}", highlight=False, soft_wrap=True)
     return 0
