@@ -119,7 +119,7 @@ class MetricsSink:
             info = (f"loss {values.get('loss', float('nan')):.4f}  lr {values.get('lr', 0):.2e}  "
                     f"{values.get('images_per_s', 0):.1f} img/s  {values.get('tflops_per_device', 0):.3f} TFLOP/s"
                     + (f"  MFU {values['mfu']:.1%}" if values.get("mfu") is not None else "")
-                    + f"  mem {values.get('memory_gb', 0):.1f} GB  data {values.get('data_wait', 0):.0%}")
+                    + f"  mem {values.get('memory_gb', 0):.1f} GB  data wait {values.get('data_wait', 0):.0%}")
             self.progress.update(self.task, completed=step, info=info)
         elif self.plain:
             self.console.print(plain_line(step, self.total, values, self.eta(step)), highlight=False,
