@@ -34,7 +34,7 @@ def routes(out, c):
     }
 
 
-@pytest.mark.parametrize("preset", ["tiny", "vit_s16"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("vit_s16", marks=pytest.mark.slow)])  # ViT-S: ~5 s each
 def test_every_documented_route_resolves_sims_preprocessing(preset, tmp_path):
     cfg, out, c = exported(preset, tmp_path)
     size = cfg.model.img_size
@@ -57,12 +57,14 @@ def test_a_non_standard_shape_says_so_in_config_json(tmp_path):
     assert "local-dir:" in note["load"]
 
 
+@pytest.mark.slow
 def test_a_preset_without_the_final_norm_names_that_one_difference(tmp_path):
     _, _, c = exported("vit_s16", tmp_path)  # the SIM release has no final encoder norm; timm's ViT-S has one
     assert c["simscale"]["standard_shape"] is False
     assert "it differs in final_norm False (timm's True)." in c["simscale"]["note"]
 
 
+@pytest.mark.slow
 def test_timms_own_shape_is_called_standard(tmp_path):
     _, _, c = exported_with("vit_s16", tmp_path, "model.final_norm=true")
     assert c["simscale"]["standard_shape"] is True and c["simscale"]["note"].startswith("timm's standard")
