@@ -86,15 +86,17 @@ def trainer_step(tr, batches, timers: Timers) -> float:
     m = tr.train_step(batches)
     dt = time.perf_counter() - t0
     timers.add("data_wait", m["data_time"])
-    step = s.step - 1
+    step = s.step  # optimizer steps completed, as Trainer.fit numbers them
+    stats = m.pop("loss_stats")
     t1 = time.perf_counter()
-    if step % cfg.log.every == 0 or s.step == tr.schedule.total_steps:
+    if step % cfg.log.every == 0 or step == 1 or step == tr.schedule.total_steps:
         achieved = tr.flops_per_sample * global_batch / dt / tr.info.world_size
         from simscale.train.metrics import memory_gb
 
         m.update(images_per_s=global_batch / dt, step_time=dt, data_wait=m.pop("data_time") / dt,
                  tflops_per_device=achieved / 1e12, mfu=achieved / tr.peak if tr.peak else None,
                  memory_gb=memory_gb(), epoch=s.epoch)
+        m.update({k: float(v) for k, v in stats.items() if k != "loss"})
         tr.sink.log(step, m)
     else:
         tr.sink.advance(step)

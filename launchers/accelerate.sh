@@ -5,8 +5,8 @@
 #   launchers/accelerate.sh [key.sub=value ...]
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launchers/accelerate.sh ...
 #
-# Not on CPU: accelerate + DeepSpeed miscounts CPU processes (see /work/shared/CPU_NOTES.md);
-# use single_node.sh there. accelerate only launches; the engine is simscale's own, with
+# Not on CPU: there accelerate counts 1 process where DeepSpeed counts 2 (a batch-size assertion),
+# and `Accelerator(cpu=True)` drops DeepSpeed; use single_node.sh there. accelerate only launches; the engine is simscale's own, with
 # zero_stage and mixed_precision taken from the YAML and passed on as config overrides (your
 # arguments come after them and win).
 #

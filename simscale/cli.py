@@ -1,4 +1,4 @@
-"""The `simscale` command: prepare, train, export, eval, info.
+"""The `simscale` command: prepare, train, report, export, eval, info.
 
 The CLI only parses arguments and dispatches; each stage lives in its own module and is
 imported lazily, so `simscale info` and `--help` stay fast and never touch DeepSpeed.
@@ -78,6 +78,15 @@ def _add_train(sub) -> None:
     p.set_defaults(module="simscale.train.run", issue=5)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="plots (PNG) and a text summary of a run's metrics.jsonl",
+                       description="Plot loss (with its align/uniform terms), lr and momentum, images/s and "
+                       "MFU, data wait and online k-NN from RUN_DIR/metrics.jsonl; write a short summary.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    p.set_defaults(module="simscale.report", issue=16)
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a timm checkpoint (model.safetensors + config.json)")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -129,7 +138,7 @@ def build_parser() -> RichParser:
     # comes from the environment (LOCAL_RANK) anyway, so accept and ignore it here.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=RichParser)
-    for add in (_add_prepare, _add_train, _add_export, _add_eval, _add_info):
+    for add in (_add_prepare, _add_train, _add_report, _add_export, _add_eval, _add_info):
         add(sub)
     return parser
 

@@ -132,7 +132,7 @@ class DeepSpeedConfig:
 class LogConfig:
     every: int = 10  # steps between metric lines
     tensorboard: bool = True
-    progress: bool = True  # rich live progress on rank 0
+    progress: bool = True  # progress on rank 0: a rich bar on a terminal, else a plain line per logged step
 
 
 @dataclass
@@ -157,13 +157,6 @@ class RunConfig:
 
 
 @dataclass
-class FaultConfig:
-    """Fault injection, for the tests that prove resume and NaN handling (off by default)."""
-    nan_at_step: int = -1  # make this step's loss NaN (the step must be skipped)
-    kill_at_step: int = -1  # hard-exit the process right after this step (no cleanup)
-
-
-@dataclass
 class Config:
     preset: str = "vit_b16"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,7 +168,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ encoder from simscale's fp32 EMA shards. Names are already timm's (simscale's en
 from timm's PatchEmbed/Block with timm's attribute names); the fixed sin-cos table becomes timm's
 `pos_embed` (zero row for the class token). The files are written by timm's own `save_for_hf`,
 and the result is loaded back strictly before we say it is done.
+
+config.json: `architecture` is only the timm model class entry point; `model_args` (image size,
+patch, width, depth, heads, final norm) is the shape of these weights, and `pretrained_cfg` is
+SIM's preprocessing (input size, ImageNet mean/std, bicubic, crop 0.875), not the one of timm's
+hub weights for that name. A `simscale` block says whether the shape is timm's standard one for
+the name and how to load it by each route (README "Loading an export in timm").
 """
 from __future__ import annotations
 
@@ -30,6 +36,54 @@ def timm_model_args(cfg: Config) -> dict:
     return {"img_size": m.img_size, "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth,
             "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio, "qkv_bias": True, "class_token": True,
             "global_pool": m.pool, "final_norm": m.final_norm, "num_classes": 0}
+
+
+def preprocessing(cfg: Config) -> dict:
+    """SIM's eval preprocessing as timm data-config fields (what `resolve_data_config` should return)."""
+    size = cfg.model.img_size
+    return {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
+            "mean": tuple(MEAN), "std": tuple(STD)}
+
+
+def _shape(model) -> dict:
+    return {"img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0],
+            "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads,
+            "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim,
+            "final_norm": not isinstance(model.norm, torch.nn.Identity)}
+
+
+def shape_differences(arch: str, model) -> dict:
+    """{field: (ours, timm's default)} where `model` differs from timm's default `arch`."""
+    import timm
+
+    with torch.device("meta"):  # no memory, even for ViT-g
+        ref = timm.create_model(arch, pretrained=False, num_classes=0)
+    ours, theirs = _shape(model), _shape(ref)
+    return {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+
+
+def loading_note(cfg: Config, differences: dict) -> dict:
+    """The `simscale` block of config.json: what the names mean and how to load, for a human reader."""
+    m = cfg.model
+    shape = (f"{m.img_size} px input, patch {m.patch_size}, width {m.embed_dim}, depth {m.depth}, "
+             f"{m.num_heads} heads, final_norm {m.final_norm}")
+    if not differences:
+        note = (f"timm's standard {m.arch} shape ({shape}) with SIM-pretrained weights; preprocessing is SIM's "
+                "(pretrained_cfg), not that of timm's hub weights for this name.")
+    else:
+        diff = ", ".join(f"{k} {ours} (timm's {theirs})" for k, (ours, theirs) in differences.items())
+        note = (f"NOT timm's standard {m.arch}: this model is {shape}; it differs in {diff}. 'architecture' only "
+                "names the timm model class: pass model_args (and pretrained_cfg for SIM's preprocessing) whenever "
+                "you load it, or use local-dir: which does both.")
+    return {
+        "note": note, "standard_shape": not differences, "preset": cfg.preset,
+        "load": "timm.create_model('local-dir:DIR', pretrained=True)  (reads model_args and pretrained_cfg itself)",
+        "load_by_file": "c = json.load(open('DIR/config.json')); timm.create_model(c['architecture'], pretrained=True, "
+                        "pretrained_cfg_overlay={**c['pretrained_cfg'], 'file': 'DIR/model.safetensors'}, "
+                        "**c['model_args'])",
+        "load_by_checkpoint_path": "timm.create_model(c['architecture'], checkpoint_path='DIR/model.safetensors', "
+                                   "pretrained_cfg_overlay=c['pretrained_cfg'], **c['model_args'])",
+    }
 
 
 def _pick_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -117,14 +171,21 @@ def write_timm(cfg: Config, sd: dict[str, torch.Tensor], out: Path, tag: str) ->
                             f"unexpected {unexpected[:3]} (a bug: please report it)")
     out.mkdir(parents=True, exist_ok=True)
     # Our preprocessing, not the one of timm's default weights for this architecture name.
-    pcfg = {"tag": f"simscale_sim_{tag}", "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
-            "crop_pct": 0.875, "crop_mode": "center", "license": None}
-    save_for_hf(model, str(out), model_config={"pretrained_cfg": pcfg}, model_args=args, safe_serialization=True)
-    # Prove it: timm must load what we wrote, strictly, from the directory alone.
+    data = preprocessing(cfg)
+    pcfg = {"tag": f"simscale_sim_{tag}", **data, "license": None}
+    note = loading_note(cfg, shape_differences(cfg.model.arch, model))
+    save_for_hf(model, str(out), model_config={"pretrained_cfg": pcfg, "simscale": note}, model_args=args,
+                data_config=data, safe_serialization=True)
+    # Prove it: timm must load what we wrote, strictly, from the directory alone, with our preprocessing.
+    from timm.data import resolve_data_config
+
     again = timm.create_model(f"local-dir:{out}", pretrained=True)
     for k, v in again.state_dict().items():
         if not torch.equal(v, model.state_dict()[k]):
             raise SimscaleError(f"timm reloaded '{k}' differently from what was written (a bug: please report it)")
+    got = resolve_data_config({}, model=again)
+    if any(tuple(got[k]) != tuple(v) if isinstance(v, tuple) else got[k] != v for k, v in data.items()):
+        raise SimscaleError(f"timm resolves preprocessing {got} for '{out}', not SIM's {data} (a bug: please report it)")
     return out
 
 

@@ -135,3 +135,11 @@ def test_cross_field_checks():
 
 def test_defaults_equal_the_vit_b16_preset():
     assert build_config("vit_b16") == Config(preset="vit_b16")
+
+
+def test_fault_injection_is_not_a_config_key():  # it is a test-only Trainer subclass (tests/train/faults.py)
+    from simscale.config import build_config, to_dict
+
+    assert "fault" not in to_dict(build_config("tiny"))
+    with pytest.raises(ConfigError, match="fault"):
+        build_config("tiny", overrides=["fault.kill_at_step=1"])

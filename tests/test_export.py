@@ -70,9 +70,13 @@ def test_timm_loads_strictly_and_gives_the_same_features(zero3_run, tmp_path, en
         expected = ours(x)
         args = timm_model_args(cfg)
         by_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-        by_overlay = timm.create_model(cfg.model.arch, pretrained=True,
-                                       pretrained_cfg_overlay={"file": str(out / "model.safetensors")}, **args).eval()
-        by_path = timm.create_model(cfg.model.arch, checkpoint_path=str(out / "model.safetensors"), **args).eval()
+        c = json.loads((out / "config.json").read_text())  # the README's routes
+        assert c["model_args"] == {**args, "img_size": [cfg.model.img_size] * 2, "in_chans": 3}
+        by_overlay = timm.create_model(c["architecture"], pretrained=True, **c["model_args"],
+                                       pretrained_cfg_overlay={**c["pretrained_cfg"],
+                                                               "file": str(out / "model.safetensors")}).eval()
+        by_path = timm.create_model(c["architecture"], checkpoint_path=str(out / "model.safetensors"),
+                                    pretrained_cfg_overlay=c["pretrained_cfg"], **c["model_args"]).eval()
         for model in (by_dir, by_overlay, by_path):
             got = model.forward_features(x)
             assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

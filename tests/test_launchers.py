@@ -50,9 +50,20 @@ def test_syntax(name):
     subprocess.run(["bash", "-n", str(LAUNCHERS / name)], check=True, timeout=10)
 
 
+def test_every_launcher_is_covered():
+    on_disk = {p.name for p in LAUNCHERS.iterdir() if p.suffix in (".sh", ".sbatch")}
+    assert on_disk == set(SCRIPTS) | {"quickstart.sh"}  # quickstart.sh is run in tests/test_quickstart.py
+
+
+def test_launchers_refer_to_no_file_outside_the_repository():
+    for path in LAUNCHERS.iterdir():
+        text = path.read_text()
+        assert "/work/" not in text and "CPU_NOTES" not in text, path.name  # notes of the dev machines
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="apt-get install shellcheck")
 def test_shellcheck_clean():
-    files = [str(LAUNCHERS / n) for n in SCRIPTS]
+    files = sorted(str(p) for p in LAUNCHERS.iterdir() if p.suffix in (".sh", ".sbatch"))
     result = subprocess.run(["shellcheck", "-s", "bash", "-x", "-P", "SCRIPTDIR", *files],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout

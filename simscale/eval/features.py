@@ -9,14 +9,16 @@ pre_logits=True)` with `num_classes=0`. For a SIM ViT (`global_pool="token"`) th
 token output (after `fc_norm` if the model has one); whatever `global_pool` the exported
 config names is what is used, so k-NN and linear probe measure the representation users get.
 
-Eval transform (DINO/MAE convention): resize the shorter side to img_size * 256/224 (bicubic),
-centre-crop img_size, normalise. Grayscale and palette images are converted to RGB.
+Eval transform: timm's own, `create_transform(**resolve_data_config({}, model=model))`, for a
+model loaded from an export (its config.json carries SIM's preprocessing: input size, ImageNet
+mean/std, bicubic, crop_pct 0.875, centre crop), so a 32 px model is resized to 36 exactly as a
+timm user's pipeline does. A live module from the trainer gets the same SIM preprocessing at its
+own input size. Grayscale and palette images are converted to RGB first.
 """
 from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import tarfile
 from pathlib import Path
@@ -65,37 +67,45 @@ def load_encoder(model_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-def input_config(model: nn.Module) -> tuple[int, tuple, tuple]:
-    """(img_size, mean, std) for the eval transform.
+def input_config(model: nn.Module) -> dict:
+    """timm data-config fields (input_size, interpolation, crop_pct, crop_mode, mean, std) for `model`.
 
     A model loaded from an export directory (timm marks its pretrained_cfg source 'local-dir')
-    uses the preprocessing its config.json names (the exporter writes the normalisation
-    training used). A live module from the trainer is normalised as in training, with ImageNet
-    statistics: its timm pretrained_cfg describes some hub checkpoint, not our weights.
+    gets exactly what timm resolves from its config.json. A live module from the trainer gets
+    SIM's preprocessing at its own input size: its timm pretrained_cfg, if any, describes some
+    hub checkpoint, not our weights.
     """
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("source") == "local-dir":
+        from timm.data import resolve_data_config
+
+        data = resolve_data_config({}, model=model)
+        return {k: data[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")}
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is None:
         size = cfg.get("input_size", (3, 224, 224))[1:]
     size = size[0] if isinstance(size, (tuple, list)) else size
-    if cfg.get("source") == "local-dir" and "mean" in cfg and "std" in cfg:
-        return int(size), tuple(cfg["mean"]), tuple(cfg["std"])
-    return int(size), IMAGENET_MEAN, IMAGENET_STD
+    return sim_preprocessing(int(size))
+
+
+def sim_preprocessing(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    """What `simscale export` writes into config.json (simscale.export.preprocessing)."""
+    return {"input_size": (3, img_size, img_size), "interpolation": "bicubic", "crop_pct": 0.875,
+            "crop_mode": "center", "mean": tuple(mean), "std": tuple(std)}
 
 
 def _to_rgb(image):
     return image.convert("RGB")
 
 
-def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
-    resize = int(math.floor(img_size * 256 / 224 + 0.5))
-    return transforms.Compose([
-        transforms.Lambda(_to_rgb),
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+def eval_transform(img_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   data_config: dict | None = None) -> transforms.Compose:
+    """timm's eval transform (`create_transform`) for `data_config`, default SIM's at `img_size`."""
+    from timm.data import create_transform
+
+    data = data_config or sim_preprocessing(img_size, mean, std)
+    timm_transform = create_transform(**data, is_training=False)
+    return transforms.Compose([transforms.Lambda(_to_rgb), *timm_transform.transforms])
 
 
 _IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -214,8 +224,11 @@ def extract_features(
     `load_encoder`. Features are not normalised here; the k-NN normalises, the probe standardises.
     """
     shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
-    size, m, s = input_config(model)
-    transform = eval_transform(img_size or size, mean or m, std or s)
+    data = input_config(model)
+    if img_size:
+        data["input_size"] = (3, img_size, img_size)
+    data.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+    transform = eval_transform(data_config=data)
     param = next(model.parameters())
     was_training = model.training
     model.eval()

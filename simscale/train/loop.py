@@ -9,7 +9,6 @@ count it, skip the EMA, and stop after a configured streak.
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -64,7 +63,9 @@ def param_groups(model) -> list[dict[str, Any]]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto", dist_info: DistInfo | None = None):
+    def __init__(self, cfg: Config, resume: str = "auto", dist_info: DistInfo | None = None,
+                 live_progress: bool = False):
+        """`live_progress`: a rich bar (stderr is a terminal) rather than plain log lines; the CLI decides."""
         import deepspeed
 
         from simscale.data.stream import TwoViewStream
@@ -115,7 +116,7 @@ class Trainer:
         self.state = LoopState()
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
-                                self.schedule.total_steps)
+                                self.schedule.total_steps, live=live_progress)
         self.knn = None
         if self.cfg.eval.every:
             from simscale.train.online_knn import OnlineKNN
@@ -149,7 +150,7 @@ class Trainer:
         except (ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
                                 "resume from another checkpoint") from None
-        self.sink.drop_from(self.state.step)  # the steps about to be replayed are logged again
+        self.sink.drop_after(self.state.step)  # the steps about to be replayed are logged again
         self.sink.print(f"resumed from {tag_dir} at step {self.state.step} "
                         f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
 
@@ -193,8 +194,7 @@ class Trainer:
             batch = next(batches)
             data_wait += time.perf_counter() - t0
             view_a, view_b, geometry, mask = self._to_device(batch)
-            if s.step == self.cfg.fault.nan_at_step:
-                view_a = view_a * float("nan")
+            view_a = self._fault_inputs(view_a)
             out = self.engine(view_a, view_b, geometry, mask)
             loss, stats = self.model.loss(out)
             self.engine.backward(loss)
@@ -217,7 +217,15 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         return {"loss": float(mean_loss), "lr": lr, "weight_decay": wd, "momentum": momentum,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait}
+                "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait,
+                "loss_stats": stats}  # the last micro-batch's terms, tensors: read only when logged
+
+    # -- test seams: no-ops here; tests/train/faults.py overrides them (NaN inputs, a hard crash) --
+    def _fault_inputs(self, view_a: torch.Tensor) -> torch.Tensor:
+        return view_a
+
+    def _fault_after_step(self) -> None:
+        pass
 
     # -- online k-NN ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -230,9 +238,7 @@ class Trainer:
         if self.model.target is not None:
             encoders["target"] = self.model.target.encoder
         result = self.knn.evaluate(encoders)
-        self.sink.log(s.step, result, progress=False)
-        self.sink.print(f"step {s.step}: k-NN top-1 " + ", ".join(
-            f"{name} {result[f'knn_{name}_top1']:.2f}%" for name in encoders) + f" ({result['eval_time']:.1f} s)")
+        self.sink.log(s.step, result)  # no loss key: the sink prints it as an evaluation line
         return result
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -251,7 +257,10 @@ class Trainer:
                 m = self.train_step(batches)
                 dt = time.perf_counter() - t0
                 window = [window[0] + 1, window[1] + dt, window[2] + m.pop("data_time")]
-                step = s.step - 1
+                # Steps are numbered by optimizer steps completed: the first logs as step 1, and the
+                # last of an N-step run as N, the same N as its checkpoint step_{N:08d}.
+                step = s.step
+                stats = m.pop("loss_stats")
                 if not m["applied"]:
                     self.sink.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
                                     f"({s.nonfinite_streak} in a row, {s.skipped} in all)[/yellow]")
@@ -263,7 +272,7 @@ class Trainer:
                             f"(run.max_nonfinite_streak={cfg.run.max_nonfinite_streak}; skipped steps changed "
                             f"no weights); {where}: lower optim.base_lr or check the data"
                         )
-                if step % cfg.log.every == 0 or s.step == total:
+                if step % cfg.log.every == 0 or step == 1 or step == total:
                     # averages over the logging window, not the last step alone
                     n, span, wait = window
                     window = [0, 0.0, 0.0]
@@ -275,6 +284,8 @@ class Trainer:
                              mfu=model_achieved / self.peak if self.peak else None,
                              hfu=achieved / self.peak if self.peak else None, memory_gb=memory_gb(),
                              epoch=s.epoch)
+                    # Rank 0's UniGrad terms (align, uniform per global/dense term; target std).
+                    m.update({k: float(v) for k, v in stats.items() if k != "loss"})
                     self.sink.log(step, m)
                 else:
                     self.sink.advance(step)
@@ -282,12 +293,24 @@ class Trainer:
                     self.evaluate()
                 if s.step % cfg.run.save_every == 0 or s.step == total:
                     self.save()
-                if s.step - 1 == cfg.fault.kill_at_step:
-                    os._exit(17)  # simulated crash: no cleanup, no final checkpoint
+                self._fault_after_step()
         finally:
             self.sink.close()
+        if self.info.is_main:
+            self._write_report()
         return s
 
+    def _write_report(self) -> None:
+        """Plots + summary in RUN_DIR/report (simscale.report); a plotting problem never fails a run."""
+        try:
+            from simscale.report import write_report
 
-def train(cfg: Config, resume: str = "auto") -> LoopState:
-    return Trainer(cfg, resume).fit()
+            files, _ = write_report(self.run_dir)
+            self.sink.print(f"report: {len(files)} files in {files[0].parent} (`simscale report` redraws)")
+        except Exception as exc:  # noqa: BLE001 - training is done and saved; the report is a bonus
+            self.sink.print(f"[yellow]no report written ({type(exc).__name__}: {exc}); "
+                            f"try `simscale report {self.run_dir}`[/yellow]")
+
+
+def train(cfg: Config, resume: str = "auto", live_progress: bool = False) -> LoopState:
+    return Trainer(cfg, resume, live_progress=live_progress).fit()

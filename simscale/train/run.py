@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import sys
 from pathlib import Path
 
 from simscale.config import build_config
@@ -13,12 +15,17 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENO
                errno.EISDIR}
 
 
+def live_progress() -> bool:
+    """A live bar only on a terminal; SIMSCALE_NO_PROGRESS=1 asks for plain log lines anyway."""
+    return sys.stderr.isatty() and os.environ.get("SIMSCALE_NO_PROGRESS", "0") != "1"
+
+
 def cli_main(args) -> int:
     cfg = build_config(args.preset, args.config, args.overrides)
     from simscale.train.loop import train
 
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, live_progress=live_progress())
     except OSError as exc:
         if exc.errno not in _USER_ERRNOS:
             raise

@@ -23,8 +23,9 @@ def micro_vit(seed: int = 0) -> torch.nn.Module:
 
 
 def export_dir(model: torch.nn.Module, path) -> str:
-    """What an exporter writes: timm's own config.json (+ ImageNet normalisation) and safetensors."""
-    data_config = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    """What an exporter writes: timm's own config.json (+ SIM's preprocessing) and safetensors."""
+    data_config = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic",
+                   "crop_pct": 0.875, "crop_mode": "center"}
     save_for_hf(model, str(path), safe_serialization=True, data_config=data_config)
     return str(path)
 

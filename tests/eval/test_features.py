@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from simscale.cli import main as simscale_main
 from simscale.errors import CheckpointError, DataError
-from simscale.eval.features import (IMAGENET_MEAN, eval_transform, extract_features, load_encoder,
+from simscale.eval.features import (IMAGENET_MEAN, eval_transform, extract_features, input_config, load_encoder,
                                     pooled_features)
 from simscale.eval.knn import knn_top1
 
@@ -37,6 +37,19 @@ def test_features_are_the_cls_token_output(exported):
     tokens = model.forward_features(x)  # [B, 1 + patches, D]
     assert model.global_pool == "token"
     assert torch.allclose(pooled_features(model, x), model.fc_norm(tokens[:, 0]))
+
+
+def test_eval_transform_is_timms_own_for_the_exported_model(exported, digits):
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    model = load_encoder(exported[1])
+    ours = eval_transform(data_config=input_config(model))
+    timms = create_transform(**resolve_data_config({}, model=model))
+    assert [repr(t) for t in ours.transforms[1:]] == [repr(t) for t in timms.transforms]  # after the RGB step
+    assert "size=36" in repr(ours.transforms[1])  # floor(32 / 0.875), as timm resizes; not round(32*256/224) = 37
+    image = Image.fromarray(np.stack([digits[0][0]] * 3, -1)).resize((45, 40))
+    assert torch.equal(ours(image), timms(image))
 
 
 def test_extract_features_from_real_shards(exported, digit_shards):

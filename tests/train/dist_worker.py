@@ -16,13 +16,14 @@ from simscale.config import build_config
 from simscale.errors import SimscaleError
 from simscale.train.distributed import init_distributed
 from simscale.train.loop import Trainer
+from tests.train.faults import nan_at
 
 
-def make(shards: str, out: Path, name: str, *over: str) -> Trainer:
+def make(shards: str, out: Path, name: str, *over: str, cls: type[Trainer] = Trainer) -> Trainer:
     cfg = build_config("tiny", overrides=[f"data.train={shards}", f"run.dir={out / name}", "data.num_workers=0",
                                           "optim.batch_size=4", "log.progress=false", "log.tensorboard=false",
                                           "run.save_every=1000", *over])
-    return Trainer(cfg, resume="none", dist_info=INFO)
+    return cls(cfg, resume="none", dist_info=INFO)
 
 
 def gathered(params):
@@ -75,7 +76,7 @@ def ema_check(shards, out, stage: int, steps: int = 4) -> dict:
 
 
 def nan_check(shards, out) -> dict:
-    t = make(shards, out, "nan", "deepspeed.zero_stage=2", "optim.max_steps=4", "fault.nan_at_step=1")
+    t = make(shards, out, "nan", "deepspeed.zero_stage=2", "optim.max_steps=4", cls=nan_at(2))
     batches = t._batches()
     t.engine.train()
     snaps, applied, losses = [], [], []
@@ -89,7 +90,8 @@ def nan_check(shards, out) -> dict:
     changed_after = any(not torch.equal(a, b) for a, b in zip(snaps[2], snaps[3]))
     finite = all(bool(torch.isfinite(p).all()) for p in snaps[-1])
     # A streak of non-finite steps stops the run with a clear message.
-    t2 = make(shards, out, "nan_streak", "optim.max_steps=4", "fault.nan_at_step=0", "run.max_nonfinite_streak=1")
+    t2 = make(shards, out, "nan_streak", "optim.max_steps=4", "run.max_nonfinite_streak=1",
+              cls=nan_at(1))
     try:
         t2.fit()
         streak_error = ""

@@ -12,11 +12,11 @@ import torch
 
 from simscale.export import encoder_state_dict
 from simscale.train.checkpoint import tag_for
-from tests.distrun import simscale_cli, tail, train_cli
+from tests.distrun import simscale_cli, tail, torchrun, train_cli
 
 pytestmark = pytest.mark.slow
 
-STEPS, KILL_AFTER = 6, 2  # checkpoints every 3 steps: the kill happens right after step index 2
+STEPS, KILL_AFTER = 6, 3  # checkpoints every 3 steps: the kill comes right after step 3 and its checkpoint
 
 
 def losses(run_dir):
@@ -24,7 +24,7 @@ def losses(run_dir):
     by_step = {}
     for r in rows:  # a resumed run appends; a re-run step would overwrite (none should be re-run)
         by_step[r["step"]] = r["loss"]
-    return [by_step[s] for s in range(STEPS)]
+    return [by_step[s] for s in range(1, STEPS + 1)]  # step n: the n-th optimizer step (1-based)
 
 
 def weights(run_dir):
@@ -50,8 +50,10 @@ def test_kill_and_resume_is_bit_exact(stage, train_shards, tmp_path):
     full = train_cli(common + [f"run.dir={tmp_path / 'full'}"])
     assert full.returncode == 0, tail(full)
 
-    crashed = train_cli(common + [f"run.dir={tmp_path / 'split'}", f"fault.kill_at_step={KILL_AFTER}"])
+    crashed = torchrun(["tests.train.faults", "--crash-after", str(KILL_AFTER), "train", "--preset", "tiny",
+                        *common, f"run.dir={tmp_path / 'split'}"])
     assert crashed.returncode != 0
+    assert (tmp_path / "split" / "checkpoints" / tag_for(KILL_AFTER)).exists()
     assert not (tmp_path / "split" / "checkpoints" / tag_for(STEPS)).exists()
     resumed = train_cli(common + [f"run.dir={tmp_path / 'split'}"])
     assert resumed.returncode == 0, tail(resumed)
@@ -72,8 +74,9 @@ def test_kill_and_resume_is_bit_exact(stage, train_shards, tmp_path):
         out = (again.stdout + again.stderr).replace("\n", "")
         assert "does not match its sha256" in out and f"resumed from {split / 'checkpoints' / tag_for(3)}" in out
         rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == list(range(STEPS))  # the replayed steps are logged once
-        assert [r["loss"] for r in rows] == losses(tmp_path / "full")
+        # each step once: 1..3 from before the damaged save, 4..6 replayed (step_00000003 holds 1..3)
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+        assert [r["loss"] for r in rows if "loss" in r] == losses(tmp_path / "full")
         assert_same_weights(weights(split), weights(tmp_path / "full"))
 
 
