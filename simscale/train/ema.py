@@ -24,10 +24,14 @@ class ShardedEMA:
 
     The fp32 master is a list of views: of the target's own storage when the target is fp32
     (no second copy), else of ONE flat fp32 buffer per rank. An update is one fused
-    `_foreach_lerp_` (a `_foreach_mul_` + `_foreach_add_` pair when the online weights are in a
-    lower precision: torch casts inside the kernel, so no per-parameter fp32 temporaries) and,
-    for a low-precision target, one `_foreach_copy_` into the engine's partition.
+    `_foreach_lerp_` over every fp32 source and, for a low-precision target, one `_foreach_copy_`
+    into the engine's partition. Online weights in a lower precision (a bf16 ZeRO-1/2 engine; the
+    frozen patch embedding under bf16 ZeRO-3) are cast through one reused fp32 scratch buffer of
+    bounded size (`SCRATCH` elements, or the largest such parameter), a group of parameters at a
+    time: mixed-dtype arithmetic on CPU would allocate a full-size fp32 temporary per parameter.
     """
+
+    SCRATCH = 1 << 22  # 16 MB of fp32
 
     def __init__(self, pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]):
         self.names = [n for n, _, _ in pairs]
@@ -52,22 +56,46 @@ class ShardedEMA:
         with torch.no_grad():
             if self.master:
                 torch._foreach_copy_(self.master, [src() for src in self.sources])
+        self._plan_casts()
         self._write_targets()
+
+    def _plan_casts(self) -> None:
+        """Groups of low-precision sources that fit the scratch buffer together (fixed at init:
+        sources keep their dtype and size)."""
+        low = [i for i, src in enumerate(self.sources) if src().dtype != torch.float32]
+        self.exact = [i for i in range(len(self.sources)) if i not in set(low)]
+        self.cast_groups: list[list[int]] = []
+        self.scratch = None
+        if not low:
+            return
+        sizes = {i: self.master[i].numel() for i in low}
+        cap = max(self.SCRATCH, max(sizes.values()))
+        group, used = [], 0
+        for i in low:
+            if used + sizes[i] > cap:
+                self.cast_groups.append(group)
+                group, used = [], 0
+            group.append(i)
+            used += sizes[i]
+        self.cast_groups.append(group)
+        self.scratch = torch.empty(min(cap, sum(sizes.values())), dtype=torch.float32, device=self.master[0].device)
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         if not self.master:
             return
         online = [src() for src in self.sources]
-        exact = [i for i, o in enumerate(online) if o.dtype == torch.float32]
-        if len(exact) == len(online):
-            torch._foreach_lerp_(self.master, online, 1.0 - momentum)
-        else:  # e.g. a bf16 ZeRO-1/2 engine, or the frozen patch embedding under bf16 ZeRO-3
-            low = [i for i, o in enumerate(online) if o.dtype != torch.float32]
-            if exact:
-                torch._foreach_lerp_([self.master[i] for i in exact], [online[i] for i in exact], 1.0 - momentum)
-            torch._foreach_mul_([self.master[i] for i in low], momentum)
-            torch._foreach_add_([self.master[i] for i in low], [online[i] for i in low], alpha=1.0 - momentum)
+        weight = 1.0 - momentum
+        if not self.cast_groups:
+            torch._foreach_lerp_(self.master, online, weight)
+        else:
+            if self.exact:
+                torch._foreach_lerp_([self.master[i] for i in self.exact], [online[i] for i in self.exact], weight)
+            for group in self.cast_groups:
+                views = list(torch.split(self.scratch[: sum(self.master[i].numel() for i in group)],
+                                         [self.master[i].numel() for i in group]))
+                torch._foreach_copy_(views, [online[i] for i in group])
+                torch._foreach_lerp_([self.master[i] for i in group], views, weight)
         self._write_targets()
 
     @torch.no_grad()

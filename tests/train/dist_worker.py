@@ -100,6 +100,16 @@ def nan_check(shards, out) -> dict:
             "streak_error": streak_error}
 
 
+def seed_check(shards, out) -> dict:
+    """Init weights identical on every rank; drop-path masks drawn afterwards differ per rank."""
+    t = make(shards, out, "seed", "deepspeed.zero_stage=2", "optim.max_steps=1", "model.drop_path=0.5")
+    init_sum = [float(p.sum()) for p in gathered(t.model.online_parameters())]
+    t.engine.train()
+    drop = t.model.online.encoder.blocks[-1].drop_path1  # timm DropPath, rate 0.5 in the last block
+    kept = drop(torch.ones(64, 1, 1)).flatten().ne(0).tolist()
+    return {"init_sum": init_sum, "drop_path_kept": kept}
+
+
 if __name__ == "__main__":
     shards, out = sys.argv[1], Path(sys.argv[2])
     INFO = init_distributed()
@@ -112,6 +122,7 @@ if __name__ == "__main__":
     for stage in (2, 3):
         results[f"ema_z{stage}"] = ema_check(shards, out, stage)
     results["nan"] = nan_check(shards, out)
+    results["seed"] = seed_check(shards, out)
     accum = make(shards, out, "accum", "optim.grad_accum=2", "optim.max_steps=2")
     state = accum.fit()
     results["accum"] = {"losses": state.losses, "micro_in_epoch": state.micro_in_epoch,

@@ -85,3 +85,10 @@ def test_gradient_accumulation_steps_once_per_accum_micro_batches(results):
 
 def test_activation_checkpointing_under_zero3_gives_the_same_losses(results):
     assert results[0]["z3_ckpt"]["losses"] == pytest.approx(results[0]["smoke_z3_fp32"]["losses"], rel=1e-6)
+
+
+def test_model_randomness_differs_per_rank_while_init_is_identical(results):
+    a, b = results[0]["seed"], results[1]["seed"]
+    assert a["init_sum"] == b["init_sum"]
+    assert a["drop_path_kept"] != b["drop_path_kept"]
+    assert 0 < sum(a["drop_path_kept"]) < 64  # a real draw: some kept, some dropped
