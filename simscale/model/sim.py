@@ -112,6 +112,14 @@ class SIM(nn.Module):
         params = list(self.online.parameters()) + list(self.predictor.parameters())
         return [p for p in params if p.requires_grad]
 
+    def compile_encoder_blocks(self) -> None:
+        """torch.compile each encoder block in place (names and parameters unchanged, so
+        checkpoints and the EMA pairing do not see it). Not under ZeRO-3 (config refuses it)."""
+        for branch in (self.online, self.target):
+            if branch is not None:
+                for blk in branch.encoder.blocks:
+                    blk.compile()
+
     @torch.no_grad()
     def copy_online_to_target(self) -> None:
         for _, po, pt in self.ema_pairs():

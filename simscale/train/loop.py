@@ -107,6 +107,8 @@ class Trainer:
                 model = SIM(self.cfg)
         else:
             model = SIM(self.cfg)
+        if self.cfg.model.compile:  # config.validate refuses it under ZeRO-3
+            model.compile_encoder_blocks()
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                     config=self.ds_config)
         self.model = self.engine.module
