@@ -6,7 +6,8 @@ Online/target pairs with the shapes of ViT-L/16's 24 blocks plus patch embedding
 parameters each side). `--root` imports `simscale` from another checkout (e.g. `git archive main`
 unpacked), so the same script times before and after. Each (root, dtype) runs in its own process:
 peak RSS (ru_maxrss) after building the EMA and after the timed updates; their difference is what
-the updates allocated at their peak (temporaries). fp32: the target's storage is the master;
+the updates allocated at their peak (temporaries). On a shared machine the process CPU time
+per update (`update_cpu_s_median`) is steadier than the wall time. fp32: the target's storage is the master;
 bf16: online and target bf16, master fp32 (a bf16 DeepSpeed engine under ZeRO-1/2).
 """
 from __future__ import annotations
@@ -54,16 +55,18 @@ def main() -> None:
     numel = sum(o.numel() for _, o, _ in pairs)
     ema = ShardedEMA(pairs)
     built = rss_gb()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ema.update(0.996)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     import simscale
 
     print(json.dumps({"simscale": str(Path(simscale.__file__).parent.parent), "dtype": args.dtype, "params_M": round(numel / 1e6, 1),
                       "tensors": len(pairs), "update_s_median": round(statistics.median(times), 3),
-                      "update_s_min": round(min(times), 3), "peak_rss_after_build_gb": round(built, 2),
+                      "update_s_min": round(min(times), 3),
+                      "update_cpu_s_median": round(statistics.median(cpu), 3), "peak_rss_after_build_gb": round(built, 2),
                       "peak_rss_after_updates_gb": round(rss_gb(), 2),
                       "update_peak_extra_gb": round(rss_gb() - built, 2)}))
 

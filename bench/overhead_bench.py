@@ -83,12 +83,13 @@ def trainer_step(tr, batches, timers: Timers) -> float:
     global_batch = cfg.optim.batch_size * tr.accum * tr.info.world_size
     t0 = time.perf_counter()
     c0 = time.process_time()
-    m = tr.train_step(batches)
+    logging = s.step % cfg.log.every == 0 or s.step + 1 == tr.schedule.total_steps
+    m = tr.train_step(batches, read=logging)
     dt = time.perf_counter() - t0
     timers.add("data_wait", m["data_time"])
     step = s.step - 1
     t1 = time.perf_counter()
-    if step % cfg.log.every == 0 or s.step == tr.schedule.total_steps:
+    if logging:
         achieved = tr.flops_per_sample * global_batch / dt / tr.info.world_size
         from simscale.train.metrics import memory_gb
 

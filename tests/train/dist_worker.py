@@ -51,10 +51,10 @@ def smoke(shards, out, stage: int, precision: str) -> dict:
     return result
 
 
-def ema_check(shards, out, stage: int, steps: int = 4) -> dict:
+def ema_check(shards, out, stage: int, steps: int = 4, *over: str) -> dict:
     """The target after training equals a hand-computed fp64 EMA of the online weights."""
-    t = make(shards, out, f"ema_z{stage}", f"deepspeed.zero_stage={stage}", f"optim.max_steps={steps}",
-             "optim.base_lr=1e-2", "ema.momentum=0.9")
+    t = make(shards, out, f"ema_z{stage}{len(over)}", f"deepspeed.zero_stage={stage}", f"optim.max_steps={steps}",
+             "optim.base_lr=1e-2", "ema.momentum=0.9", *over)
     pairs = t.model.ema_pairs()
     online = [o for _, o, _ in pairs]
     target = [tp for _, _, tp in pairs]
@@ -71,7 +71,8 @@ def ema_check(shards, out, stage: int, steps: int = 4) -> dict:
         prev = gathered(online)
     err = max(float((a - b).abs().max()) for a, b in zip(gathered(target), hand))
     moved = max(float((a - b).abs().max()) for a, b in zip(gathered(target), gathered(online)))
-    return {"initial_equal": initial_equal, "max_err": err, "target_vs_online": moved}
+    persistent = sum(bool(getattr(tp, "ds_persist", False)) for tp in target)
+    return {"initial_equal": initial_equal, "max_err": err, "target_vs_online": moved, "persistent": persistent}
 
 
 def nan_check(shards, out) -> dict:
@@ -121,6 +122,8 @@ if __name__ == "__main__":
     results["z3_ckpt"] = {"losses": ckpt.fit().losses}
     for stage in (2, 3):
         results[f"ema_z{stage}"] = ema_check(shards, out, stage)
+    # small target params kept gathered on every rank ("persistent"): refreshed after each update
+    results["ema_z3_persist"] = ema_check(shards, out, 3, 4, "deepspeed.persistence_threshold=100000")
     results["nan"] = nan_check(shards, out)
     results["seed"] = seed_check(shards, out)
     accum = make(shards, out, "accum", "optim.grad_accum=2", "optim.max_steps=2")

@@ -66,6 +66,13 @@ def test_target_is_the_hand_computed_ema(results, stage):
         assert e["target_vs_online"] > 1e-4  # the check is not vacuous: target != online
 
 
+def test_persistent_zero3_targets_are_refreshed_after_the_ema(results):
+    for r in results:
+        e = r["ema_z3_persist"]
+        assert e["persistent"] > 0  # the threshold really kept some target params gathered
+        assert e["initial_equal"] and e["max_err"] < 1e-6 and e["target_vs_online"] > 1e-4
+
+
 def test_nan_step_is_skipped_and_training_goes_on(results):
     n = results[0]["nan"]
     assert n["applied"] == [True, False, True, True]
