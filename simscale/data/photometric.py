@@ -218,6 +218,9 @@ def apply_photometric(images: torch.Tensor, params: torch.Tensor, view: str = "a
     The view's probabilities are already in the drawn flags; `view` is checked, not used.
     `chunk`: images processed together; default the whole batch on an accelerator and 1 on a
     CPU, where one 224 px image stays in cache through all ops (about 3x faster there).
+    `params` should be the host (CPU) tensor: every decision (which op runs on which images, the
+    blur kernel size) is read from it, and the device never waits; they go to the device once,
+    non-blocking. Device `params` work too, at the price of one device->host copy.
     """
     if view not in RECIPE:
         raise ValueError(f"view must be 'a' or 'b', got {view!r}")
