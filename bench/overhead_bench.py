@@ -83,13 +83,15 @@ def trainer_step(tr, batches, timers: Timers) -> float:
     global_batch = cfg.optim.batch_size * tr.accum * tr.info.world_size
     t0 = time.perf_counter()
     c0 = time.process_time()
-    m = tr.train_step(batches)
+    done = s.step + 1  # steps completed after this one: how fit numbers (and logs) them
+    logging = done % cfg.log.every == 0 or done == 1 or done == tr.schedule.total_steps
+    m = tr.train_step(batches, read=logging)
     dt = time.perf_counter() - t0
     timers.add("data_wait", m["data_time"])
     step = s.step  # optimizer steps completed, as Trainer.fit numbers them
     stats = m.pop("loss_stats")
     t1 = time.perf_counter()
-    if step % cfg.log.every == 0 or step == 1 or step == tr.schedule.total_steps:
+    if logging:
         achieved = tr.flops_per_sample * global_batch / dt / tr.info.world_size
         from simscale.train.metrics import memory_gb
 

@@ -45,6 +45,7 @@ class ModelConfig:
     # "avg" (mean of the patch tokens). The online k-NN monitor uses the same.
     pool: str = "token"
     grad_checkpointing: bool = False  # activation checkpointing of the online encoder blocks
+    compile: bool = False  # torch.compile of the encoder blocks (ZeRO-0/1/2 only)
 
 
 @dataclass
@@ -196,21 +197,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "vit_b16": _VIT_B16,  # the release recipe: batch 4096, 1600 epochs, D=768, 16 heads
+    # ViT-L/H, sized for one 80 GB GPU per rank (A100/H100 80 GB); `*_141g`: 141 GB (H200).
+    # The rule (bench/RESULTS.md, "Presets for 80 and 141 GB"): pay for ZeRO-3 or recomputation
+    # only when the model does not fit without them. Model states at ZeRO-2 (bf16 weights,
+    # fp32 Adam + master, target bf16 + fp32 EMA master) are 3.4 GB (ViT-L) / 6.8 GB (ViT-H) on
+    # 8 GPUs: ZeRO-3 would save at most 2.4 / 4.7 GB there, at the price of an all-gather of
+    # every layer in forward and backward. Activations (bf16, 60% masking: the encoder sees
+    # 79 / 103 tokens) are 97 / 181 MB per sample without checkpointing, so the per-GPU batch
+    # is set to use at most half of 0.9 x memory by the model (it is an upper bound that misses
+    # temporaries): ViT-L 256 x 97 MB = 25 GB (80 GB), 512 -> 50 GB (141 GB); ViT-H 128 x
+    # 181 MB = 23 GB, 256 -> 46 GB. ViT-g keeps ZeRO-3 + checkpointing (states 10.9 GB on 8
+    # GPUs; chosen before this rule was measured, not re-derived).
     "vit_l16": {
         "model": {
             "arch": "vit_large_patch16_224", "embed_dim": 1024, "depth": 24, "num_heads": 16,
-            "grad_checkpointing": True,
         },
-        "optim": {"batch_size": 32},
-        "deepspeed": {"zero_stage": 3},
+        "optim": {"batch_size": 256},
+        "deepspeed": {"zero_stage": 2},
     },
     "vit_h14": {
         "model": {
             "arch": "vit_huge_patch14_224", "patch_size": 14, "embed_dim": 1280, "depth": 32,
-            "num_heads": 16, "grad_checkpointing": True,
+            "num_heads": 16,
         },
-        "optim": {"batch_size": 16},
-        "deepspeed": {"zero_stage": 3},
+        "optim": {"batch_size": 128},
+        "deepspeed": {"zero_stage": 2},
+    },
+    "vit_l16_141g": {
+        "model": {
+            "arch": "vit_large_patch16_224", "embed_dim": 1024, "depth": 24, "num_heads": 16,
+        },
+        "optim": {"batch_size": 512},
+        "deepspeed": {"zero_stage": 2},
+    },
+    "vit_h14_141g": {
+        "model": {
+            "arch": "vit_huge_patch14_224", "patch_size": 14, "embed_dim": 1280, "depth": 32,
+            "num_heads": 16,
+        },
+        "optim": {"batch_size": 256},
+        "deepspeed": {"zero_stage": 2},
     },
     "vit_g14": {
         "model": {
@@ -453,6 +479,9 @@ def validate(cfg: Config) -> None:
     choice("deepspeed.offload_param", cfg.deepspeed.offload_param, ("none", "cpu", "nvme"))
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0..3, got {cfg.deepspeed.zero_stage}")
+    if cfg.model.compile and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("model.compile=true needs deepspeed.zero_stage 0-2 (ZeRO-3 gathers parameters in "
+                          "module hooks that torch.compile would break): set model.compile=false or zero_stage=2")
     if cfg.deepspeed.offload_param != "none" and cfg.deepspeed.zero_stage != 3:
         raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
     if "nvme" in (cfg.deepspeed.offload_param, cfg.deepspeed.offload_optimizer) and not cfg.deepspeed.nvme_path:

@@ -143,3 +143,19 @@ def test_fault_injection_is_not_a_config_key():  # it is a test-only Trainer sub
     assert "fault" not in to_dict(build_config("tiny"))
     with pytest.raises(ConfigError, match="fault"):
         build_config("tiny", overrides=["fault.kill_at_step=1"])
+
+
+def test_compile_is_refused_under_zero3_in_one_line():
+    from simscale.errors import ConfigError
+
+    assert build_config("tiny", overrides=["model.compile=true"]).model.compile
+    with pytest.raises(ConfigError, match="model.compile=true needs deepspeed.zero_stage") as exc:
+        build_config("tiny", overrides=["model.compile=true", "deepspeed.zero_stage=3"])
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["vit_l16", "vit_h14", "vit_l16_141g", "vit_h14_141g"])
+def test_vit_l_and_h_presets_pay_for_no_zero3_or_recomputation(name):
+    cfg = build_config(name)
+    assert cfg.deepspeed.zero_stage == 2 and not cfg.model.grad_checkpointing
+    assert cfg.deepspeed.precision == "bf16"

@@ -13,6 +13,7 @@ The blur kernel is odd, about 10% of the image side (23 at 224 px), with reflect
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -119,20 +120,23 @@ def blur_kernel_size(side: int) -> int:
 
 
 def _gauss_weights(sigma, k: int, x: torch.Tensor):
-    t = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
     if isinstance(sigma, float):  # one image: python floats for add_(alpha=...)
-        w = torch.exp(-0.5 * (t / sigma) ** 2)
-        return (w / w.sum()).tolist()
-    w = torch.exp(-0.5 * (t.to(x.device).view(1, -1) / sigma.double().view(-1, 1)) ** 2)
+        w = [math.exp(-0.5 * ((i - (k - 1) / 2) / sigma) ** 2) for i in range(k)]
+        total = math.fsum(w)
+        return [v / total for v in w]
+    t = torch.arange(k, dtype=torch.float64, device=x.device) - (k - 1) / 2  # made on the device: no copy
+    w = torch.exp(-0.5 * (t.view(1, -1) / sigma.double().view(-1, 1)) ** 2)
     return (w / w.sum(dim=1, keepdim=True)).to(x.dtype)  # [n, k]
 
 
-def _blur(x: torch.Tensor, sigma) -> torch.Tensor:
+def _blur(x: torch.Tensor, sigma, top: float | None = None) -> torch.Tensor:
     """Separable Gaussian, reflect padding, as a sum of shifted slices per axis (faster than a
     grouped conv on CPU, and per-image sigmas come free). Taps beyond 5 sigma (mass < 1e-6)
-    are left out: the result equals the full blur_kernel_size() kernel within 1e-6."""
+    are left out: the result equals the full blur_kernel_size() kernel within 1e-6.
+    `top`: the largest sigma, from the host parameters (reading it off a device tensor syncs)."""
     n, c, hgt, wid = x.shape
-    top = float(sigma) if isinstance(sigma, float) else float(sigma.max())
+    if top is None:
+        top = float(sigma) if isinstance(sigma, float) else float(sigma.max())
     k = min(blur_kernel_size(min(hgt, wid)), 2 * math.ceil(5 * top) + 1)
     w = _gauss_weights(sigma, k, x)
     pad = k // 2
@@ -163,29 +167,42 @@ def _grayscale(x):
 _JITTER_OPS = ((_brightness, BRIGHT), (_contrast, CONTRAST), (_saturation, SAT), (_hue, HUE))
 
 
-def _apply_subset(x, sel, fn, *args):
-    if bool(sel.all()):  # the common case with small CPU chunks: no gather/scatter copies
-        return fn(x, *args)
-    idx = sel.nonzero().squeeze(1)
-    if idx.numel():
-        x[idx] = fn(x[idx], *(a[idx] for a in args))
-    return x
+def _plan(rows: list[list[float]]) -> list[tuple]:
+    """Host side: (fn, parameter columns, images it applies to) per op, in application order.
+    Every decision comes from the host copy of the parameters, so the device never waits."""
+    on = [r[JITTER] > 0.5 for r in rows]
+    steps = []
+    for slot in range(4):  # the t-th op of each image is op order[t]
+        for op, (fn, col) in enumerate(_JITTER_OPS):
+            steps.append((fn, (col,), [i for i, r in enumerate(rows) if on[i] and round(r[ORDER + slot]) == op]))
+    steps.append((_grayscale, (), [i for i, r in enumerate(rows) if r[GRAY] > 0.5]))
+    blurred = [i for i, r in enumerate(rows) if r[BLUR] > 0.5]
+    top = max((rows[i][SIGMA] for i in blurred), default=0.0)
+    steps.append((lambda x, sigma: _blur(x, sigma, top), (SIGMA,), blurred))
+    steps.append((_solarize, (), [i for i, r in enumerate(rows) if r[SOLAR] > 0.5]))
+    return steps
 
 
-def _apply_chunk(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    on = p[:, JITTER] > 0.5
-    if bool(on.any()):
-        order = p[:, ORDER:ORDER + 4].round().long()
-        for slot in range(4):  # the t-th op of each image is op order[t]
-            for op, (fn, col) in enumerate(_JITTER_OPS):
-                sel = on & (order[:, slot] == op)
-                if bool(sel.any()):
-                    x = _apply_subset(x, sel, fn, p[:, col])
-    for flag, fn, args in ((GRAY, _grayscale, ()), (BLUR, _blur, (p[:, SIGMA],)),
-                           (SOLAR, _solarize, ())):
-        sel = p[:, flag] > 0.5
-        if bool(sel.any()):
-            x = _apply_subset(x, sel, fn, *args)
+def _apply_chunk(x: torch.Tensor, p: torch.Tensor, rows: list[list[float]]) -> torch.Tensor:
+    """x [n, 3, H, W] on the device, p [n, K] its parameters there, rows the same on the host.
+    An op on every image runs on the whole tensor; on some, on an index_select/index_copy of
+    them, with all subsets' indices moved to the device in one non-blocking copy."""
+    n = len(rows)
+    steps = [st for st in _plan(rows) if st[2]]
+    subsets = [idx for _, _, idx in steps if len(idx) < n]
+    flat = torch.tensor([i for idx in subsets for i in idx], dtype=torch.long)
+    if x.device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(x.device, non_blocking=True)
+    start = 0
+    for fn, cols, idx in steps:
+        args = [p[:, c] for c in cols]
+        if len(idx) == n:  # the common case with small chunks: no gather/scatter copies
+            x = fn(x, *args)
+            continue
+        ids = flat[start:start + len(idx)]
+        start += len(idx)
+        x.index_copy_(0, ids, fn(x.index_select(0, ids), *(a.index_select(0, ids) for a in args)))
     return x
 
 
@@ -211,20 +228,30 @@ def apply_photometric(images: torch.Tensor, params: torch.Tensor, view: str = "a
     The view's probabilities are already in the drawn flags; `view` is checked, not used.
     `chunk`: images processed together; default the whole batch on an accelerator and 1 on a
     CPU, where one 224 px image stays in cache through all ops (about 3x faster there).
+    `params` should be the host (CPU) tensor: every decision (which op runs on which images, the
+    blur kernel size) is read from it, and the device never waits; they go to the device once,
+    non-blocking. Device `params` work too, at the price of one device->host copy.
     """
     if view not in RECIPE:
         raise ValueError(f"view must be 'a' or 'b', got {view!r}")
     if chunk is None:
         chunk = 1 if images.device.type == "cpu" else images.shape[0]
-    p = params.to(device=images.device, dtype=torch.float32)
+    # Decisions read the host copy (the DataLoader's tensor: no sync); a device tensor costs one.
+    rows = params.tolist()
+    p = params.to(device=images.device, dtype=torch.float32, non_blocking=True)
     out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    inv_std = 1 / torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    rows = params.tolist() if chunk == 1 else None
+    mean, inv_std = _norm_constants(images.device)
     for s in range(0, images.shape[0], max(1, chunk)):
         x = images[s:s + chunk].float().div_(255.0)
-        x = _apply_one(x, rows[s]) if chunk == 1 else _apply_chunk(x, p[s:s + chunk])
+        x = _apply_one(x, rows[s]) if chunk == 1 else _apply_chunk(x, p[s:s + chunk], rows[s:s + chunk])
         if normalize:
             x = x.sub_(mean).mul_(inv_std)
         out[s:s + chunk] = x
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and 1/std on `device`, made once (a fresh host->device copy would sync)."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    return mean.to(device), (1 / torch.tensor(STD).view(1, 3, 1, 1)).to(device)

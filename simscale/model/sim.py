@@ -18,16 +18,16 @@ same UniGrad with cfg.loss (lam=0 gives plain MSE).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simscale.config import Config, ModelConfig
+from simscale.data.masking import num_masked
 from simscale.loss import unigrad_loss
 from simscale.model.decoder import Predictor, Projector
 from simscale.model.encoder import Encoder, visible_indices
+from simscale.train.zero import gathered as _gathered  # imports deepspeed only for ZeRO-3 params
 
 
 class Branch(nn.Module):
@@ -46,15 +46,6 @@ def build_branch(m: ModelConfig) -> Branch:
     branch = Branch(m)
     init_weights(branch)
     return branch
-
-
-def _gathered(params: list[nn.Parameter]):
-    """Full parameters for in-place init/copy, also when ZeRO-3 has partitioned them."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -90,6 +81,7 @@ class SIM(nn.Module):
         self.cfg = cfg
         m = cfg.model
         self.pixel = m.target == "pixel"
+        self.grid = m.img_size // m.patch_size
         self.out_dim = m.patch_size**2 * 3 if self.pixel else m.decoder_dim
         self.online = build_branch(m)
         self.predictor = Predictor(m, self.out_dim)
@@ -120,6 +112,14 @@ class SIM(nn.Module):
         params = list(self.online.parameters()) + list(self.predictor.parameters())
         return [p for p in params if p.requires_grad]
 
+    def compile_encoder_blocks(self) -> None:
+        """torch.compile each encoder block in place (names and parameters unchanged, so
+        checkpoints and the EMA pairing do not see it). Not under ZeRO-3 (config refuses it)."""
+        for branch in (self.online, self.target):
+            if branch is not None:
+                for blk in branch.encoder.blocks:
+                    blk.compile()
+
     @torch.no_grad()
     def copy_online_to_target(self) -> None:
         for _, po, pt in self.ema_pairs():
@@ -128,7 +128,7 @@ class SIM(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, view_a: Tensor, view_b: Tensor, geometry: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        ids_keep = visible_indices(mask)
+        ids_keep = visible_indices(mask, mask.shape[1] - num_masked(self.grid, self.cfg.data.mask.ratio))
         z = self.online(view_a, ids_keep)
         pred = self.predictor(z, ids_keep, geometry)
         with torch.no_grad():

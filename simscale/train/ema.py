@@ -14,99 +14,104 @@ same loop applies (every rank computes the same update).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from simscale.errors import CheckpointError
-
-
-def _is_zero3(p: torch.nn.Parameter) -> bool:
-    return getattr(p, "ds_tensor", None) is not None
-
-
-def local_slice(p: torch.nn.Parameter) -> torch.Tensor:
-    """The flat part of `p` this rank owns: the ZeRO-3 partition, or the whole tensor."""
-    return p.ds_tensor if _is_zero3(p) else p.data.view(-1)
-
-
-def _fp32_source(p: torch.nn.Parameter):
-    """A callable giving the online weights' local slice at the best precision available.
-
-    Under ZeRO-3, DeepSpeed exposes the optimizer's fp32 partition (exact even for a bf16
-    engine). Frozen online parameters (the patch embedding) have no optimizer copy; their
-    compute-dtype slice is exact because they never change.
-    """
-    if _is_zero3(p) and p.requires_grad:
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        try:
-            safe_get_local_fp32_param(p)
-            return lambda: safe_get_local_fp32_param(p)
-        except (AttributeError, AssertionError, KeyError):
-            pass
-    return lambda: local_slice(p)
+from simscale.train.zero import PersistentRefresh, fp32_source, full_numel, full_shape, is_partitioned, local_slice
 
 
 class ShardedEMA:
-    """theta_t <- m theta_t + (1 - m) theta_o over matching (online, target) parameter slices."""
+    """theta_t <- m theta_t + (1 - m) theta_o over matching (online, target) parameter slices.
+
+    The fp32 master is a list of views: of the target's own storage when the target is fp32
+    (no second copy), else of ONE flat fp32 buffer per rank. An update is one fused
+    `_foreach_lerp_` over every fp32 source and, for a low-precision target, one `_foreach_copy_`
+    into the engine's partition. Online weights in a lower precision (a bf16 ZeRO-1/2 engine; the
+    frozen patch embedding under bf16 ZeRO-3) are cast through one reused fp32 scratch buffer of
+    bounded size (`SCRATCH` elements, or the largest such parameter), a group of parameters at a
+    time: mixed-dtype arithmetic on CPU would allocate a full-size fp32 temporary per parameter.
+    """
+
+    SCRATCH = 1 << 22  # 16 MB of fp32
 
     def __init__(self, pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]):
         self.names = [n for n, _, _ in pairs]
         self.online = [o for _, o, _ in pairs]
         self.target = [t for _, _, t in pairs]
         for name, o, t in pairs:
-            if o.shape != t.shape and getattr(o, "ds_shape", None) != getattr(t, "ds_shape", None):
+            if full_shape(o) != full_shape(t):
                 raise ValueError(f"EMA pair '{name}' has mismatched shapes")
-        self.sources = [_fp32_source(o) for o in self.online]
-        self.zero3 = bool(self.target) and _is_zero3(self.target[0])
-        # Targets start as exact copies of the online weights (slice by slice under ZeRO-3). When
-        # the target itself is stored in fp32, its own storage is the master (no second copy).
-        self.master = []
+        self.sources = [fp32_source(o) for o in self.online]
+        self.zero3 = bool(self.target) and is_partitioned(self.target[0])
+        self.refresh = PersistentRefresh(self.target)
+        self.locals = [local_slice(t) for t in self.target]
+        # Targets start as exact copies of the online weights (slice by slice under ZeRO-3).
+        self.own_storage = bool(self.locals) and all(t.dtype == torch.float32 for t in self.locals)
+        if self.own_storage or not self.locals:
+            self.master = list(self.locals)
+            self.flat = None
+        else:
+            sizes = [t.numel() for t in self.locals]
+            self.flat = torch.empty(sum(sizes), dtype=torch.float32, device=self.locals[0].device)
+            self.master = list(torch.split(self.flat, sizes))
         with torch.no_grad():
-            for src, t in zip(self.sources, self.target):
-                init = src().detach().to(torch.float32)
-                local = local_slice(t)
-                if local.dtype == torch.float32:
-                    local.copy_(init)
-                    self.master.append(local)
-                else:
-                    self.master.append(init.clone())
+            if self.master:
+                torch._foreach_copy_(self.master, [src() for src in self.sources])
+        self._plan_casts()
         self._write_targets()
+
+    def _plan_casts(self) -> None:
+        """Groups of low-precision sources that fit the scratch buffer together (fixed at init:
+        sources keep their dtype and size)."""
+        low = [i for i, src in enumerate(self.sources) if src().dtype != torch.float32]
+        self.exact = [i for i in range(len(self.sources)) if i not in set(low)]
+        self.cast_groups: list[list[int]] = []
+        self.scratch = None
+        if not low:
+            return
+        sizes = {i: self.master[i].numel() for i in low}
+        cap = max(self.SCRATCH, max(sizes.values()))
+        group, used = [], 0
+        for i in low:
+            if used + sizes[i] > cap:
+                self.cast_groups.append(group)
+                group, used = [], 0
+            group.append(i)
+            used += sizes[i]
+        self.cast_groups.append(group)
+        self.scratch = torch.empty(min(cap, sum(sizes.values())), dtype=torch.float32, device=self.master[0].device)
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         if not self.master:
             return
-        online = [src().to(self.master[0].device, torch.float32) for src in self.sources]
-        torch._foreach_mul_(self.master, momentum)
-        torch._foreach_add_(self.master, online, alpha=1.0 - momentum)
+        online = [src() for src in self.sources]
+        weight = 1.0 - momentum
+        if not self.cast_groups:
+            torch._foreach_lerp_(self.master, online, weight)
+        else:
+            if self.exact:
+                torch._foreach_lerp_([self.master[i] for i in self.exact], [online[i] for i in self.exact], weight)
+            for group in self.cast_groups:
+                views = list(torch.split(self.scratch[: sum(self.master[i].numel() for i in group)],
+                                         [self.master[i].numel() for i in group]))
+                torch._foreach_copy_(views, [online[i] for i in group])
+                torch._foreach_lerp_([self.master[i] for i in group], views, weight)
         self._write_targets()
 
     @torch.no_grad()
     def _write_targets(self) -> None:
-        for t, m in zip(self.target, self.master):
-            local = local_slice(t)
-            if local.data_ptr() != m.data_ptr():
-                local.copy_(m)
-        self._refresh_persistent()
-
-    def _refresh_persistent(self) -> None:
-        """ZeRO-3 keeps small 'persistent' params gathered on every rank: refresh their full copy."""
-        if not self.zero3:
-            return
-        world = dist.get_world_size()
-        for t in self.target:
-            if getattr(t, "ds_persist", False) and t.data.numel() == t.ds_numel:
-                parts = [torch.empty_like(t.ds_tensor) for _ in range(world)]
-                dist.all_gather(parts, t.ds_tensor)
-                t.data.copy_(torch.cat(parts)[: t.ds_numel].view_as(t.data))
+        if self.master and not self.own_storage:
+            torch._foreach_copy_(self.locals, self.master)
+        if self.zero3:
+            self.refresh()
 
     # -- checkpointing: each rank saves and restores its own fp32 slices ---------------------------
     def state_dict(self) -> dict:
         return {
             "names": list(self.names),
             "layout": "zero3_partition" if self.zero3 else "full",
-            "numel": [int(getattr(t, "ds_numel", t.numel())) for t in self.target],
-            "shapes": [list(getattr(t, "ds_shape", t.shape)) for t in self.target],
+            "numel": [full_numel(t) for t in self.target],
+            "shapes": [list(full_shape(t)) for t in self.target],
             "master": [m.detach().cpu().clone() for m in self.master],
         }
 

@@ -27,6 +27,7 @@ from simscale.train.ds_config import build_ds_config
 from simscale.train.ema import ShardedEMA
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.schedules import Schedule
+from simscale.train.zero import full_shape
 
 
 @dataclass
@@ -57,8 +58,7 @@ def param_groups(model) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices only (no decay on biases and 1-D params)."""
     decay, no_decay = [], []
     for p in model.online_parameters():
-        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params look 1-D (empty)
-        (no_decay if len(shape) <= 1 else decay).append(p)
+        (no_decay if len(full_shape(p)) <= 1 else decay).append(p)  # ZeRO-3 params look 1-D (empty)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
@@ -95,6 +95,9 @@ class Trainer:
         self.schedule = Schedule.from_config(self.cfg, steps_per_epoch)
 
         on_cpu = self.info.device.type == "cpu"
+        if self.info.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (loss, fp32 runs) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         self.ds_config = build_ds_config(self.cfg, self.info.world_size, on_cpu)
         dtype = torch.bfloat16 if self.cfg.deepspeed.precision == "bf16" else torch.float32
         self.dtype = dtype
@@ -106,14 +109,20 @@ class Trainer:
                 model = SIM(self.cfg)
         else:
             model = SIM(self.cfg)
+        if self.cfg.model.compile:  # config.validate refuses it under ZeRO-3
+            model.compile_encoder_blocks()
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                     config=self.ds_config)
         self.model = self.engine.module
         self.ema = ShardedEMA(self.model.ema_pairs())
+        # Model-side randomness (drop path) differs per rank from here on; init above was identical
+        # and data randomness has its own generators (stream.py).
+        torch.manual_seed(seed + self.info.rank)
         self.flops_per_sample = train_flops_per_sample(self.cfg)  # executed: HFU
         self.model_flops_per_sample = model_flops_per_sample(self.cfg)  # without recomputation: MFU
         self.peak = device_peak_flops()
         self.state = LoopState()
+        self._unread: list[torch.Tensor] = []  # per-step mean losses (device) not yet in state.losses
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                                 self.schedule.total_steps, live=live_progress)
@@ -155,6 +164,7 @@ class Trainer:
                         f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
 
     def save(self) -> Path:
+        self.read_losses()
         state = {"loop": dataclasses.asdict(self.state), "ema": self.ema.state_dict(), "rng": self.state.rng()}
         meta = {"config": to_dict(self.cfg), "ema_layout": self.ema.state_dict()["layout"]}
         return self.ckpt.save(self.engine, self.state.step, state, meta)
@@ -174,12 +184,15 @@ class Trainer:
         from simscale.data.photometric import apply_photometric
 
         dev = self.info.device
-        a = apply_photometric(batch["view_a"].to(dev, non_blocking=True), batch["photo_a"].to(dev), view="a")
-        b = apply_photometric(batch["view_b"].to(dev, non_blocking=True), batch["photo_b"].to(dev), view="b")
+        # The parameters go in as the loader's host tensors: the ops decide from them without a sync.
+        a = apply_photometric(batch["view_a"].to(dev, non_blocking=True), batch["photo_a"], view="a")
+        b = apply_photometric(batch["view_b"].to(dev, non_blocking=True), batch["photo_b"], view="b")
         return (a.to(self.dtype), b.to(self.dtype), batch["geometry"].to(dev), batch["mask"].to(dev))
 
     # -- one optimizer step -----------------------------------------------------------------------
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches, read: bool = True) -> dict[str, Any]:
+        """One optimizer step. `read=False` (fit's non-logging steps): loss and grad norm stay
+        device tensors, nothing waits for the device; `read_losses()` turns them into floats."""
         s, sched = self.state, self.schedule
         lr, wd, momentum = sched.lr_at(s.step), sched.wd_at(s.step), sched.momentum_at(s.step)
         for group in self.engine.optimizer.param_groups:
@@ -201,24 +214,37 @@ class Trainer:
             self.engine.step()
             losses.append(loss.detach().float())
         applied = self.engine.was_step_applied()
-        mean_loss = torch.stack(losses).mean()
-        if dist.get_world_size() > 1:
-            dist.all_reduce(mean_loss)
-            mean_loss /= dist.get_world_size()
+        mean_loss = torch.stack(losses).mean()  # this rank's; averaged over ranks when read
         if applied:
             s.ema_pending = True
             s.nonfinite_streak = 0
         else:
             s.skipped += 1
             s.nonfinite_streak += 1
-        s.losses.append(float(mean_loss))
-        del s.losses[:-1000]  # bounded: metrics.jsonl keeps the full history
+        self._unread.append(mean_loss)
         s.step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": float(mean_loss), "lr": lr, "weight_decay": wd, "momentum": momentum,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait,
-                "loss_stats": stats}  # the last micro-batch's terms, tensors: read only when logged
+        m = {"loss": mean_loss, "lr": lr, "weight_decay": wd, "momentum": momentum, "grad_norm": grad_norm,
+             "applied": bool(applied), "skipped_total": s.skipped, "data_time": data_wait,
+             "loss_stats": stats}  # the last micro-batch's terms, tensors: read only when logged
+        if read:
+            m["loss"] = self.read_losses()
+            m["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        return m
+
+    def read_losses(self) -> float | None:
+        """Moves the steps' losses not read yet into `state.losses` (means over ranks, one
+        all-reduce and one device->host copy for all of them); returns the newest."""
+        if not self._unread:
+            return self.state.losses[-1] if self.state.losses else None
+        pending = torch.stack(self._unread)
+        self._unread.clear()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(pending)
+            pending /= dist.get_world_size()
+        self.state.losses.extend(pending.tolist())
+        del self.state.losses[:-1000]  # bounded: metrics.jsonl keeps the full history
+        return self.state.losses[-1]
 
     # -- test seams: no-ops here; tests/train/faults.py overrides them (NaN inputs, a hard crash) --
     def _fault_inputs(self, view_a: torch.Tensor) -> torch.Tensor:
@@ -254,7 +280,9 @@ class Trainer:
                 self.evaluate()  # the curve starts at the initialisation (the random-init baseline)
             while s.step < total:
                 t0 = time.perf_counter()
-                m = self.train_step(batches)
+                done = s.step + 1  # steps completed after this one: how records are numbered
+                logging = done % cfg.log.every == 0 or done == 1 or done == total
+                m = self.train_step(batches, read=logging)
                 dt = time.perf_counter() - t0
                 window = [window[0] + 1, window[1] + dt, window[2] + m.pop("data_time")]
                 # Steps are numbered by optimizer steps completed: the first logs as step 1, and the
@@ -272,7 +300,7 @@ class Trainer:
                             f"(run.max_nonfinite_streak={cfg.run.max_nonfinite_streak}; skipped steps changed "
                             f"no weights); {where}: lower optim.base_lr or check the data"
                         )
-                if step % cfg.log.every == 0 or step == 1 or step == total:
+                if logging:
                     # averages over the logging window, not the last step alone
                     n, span, wait = window
                     window = [0, 0.0, 0.0]
@@ -296,6 +324,7 @@ class Trainer:
                 self._fault_after_step()
         finally:
             self.sink.close()
+        self.read_losses()
         if self.info.is_main:
             self._write_report()
         return s

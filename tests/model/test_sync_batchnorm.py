@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from simscale.model.sync_batchnorm import SyncBatchNormFunction, TokenBatchNorm
+from simscale.model.sync_batchnorm import SyncBatchNormFunction, TokenBatchNorm, merge_stats
 
 
 def _reference(x, weight, bias, upstream):
@@ -30,6 +30,33 @@ def test_function_without_sync_equals_batchnorm():
     ref = _reference(x, w, b, g)
     for got, want in zip((y, xr.grad, wr.grad, br.grad), ref):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_large_mean_input_keeps_its_variance():
+    # |mean| >> std: E[x^2] - mean^2 in float32 cancels to noise; centred statistics do not.
+    torch.manual_seed(0)
+    x, w, b, g = torch.randn(600, 6) * 0.5 + 3000, torch.rand(6) + 0.5, torch.randn(6), torch.randn(600, 6)
+    naive = (x * x).mean(0) - x.mean(0) ** 2
+    true_var = x.double().var(0, unbiased=False)
+    assert ((naive.double() - true_var).abs() / true_var).max() > 0.05  # the trap is real here
+    xr, wr, br = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y, _, var = SyncBatchNormFunction.apply(xr, wr, br, 1e-5, False)
+    (y * g).sum().backward()
+    torch.testing.assert_close(var.double(), true_var, atol=0, rtol=1e-4)
+    ref = _reference(x, w, b, g)
+    for got, want in zip((y, xr.grad, wr.grad, br.grad), ref):
+        torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=1e-3)
+
+
+def test_chan_merge_of_rank_statistics_equals_the_joined_batch():
+    torch.manual_seed(1)
+    x = torch.randn(50, 4).double() * 0.1 + 1e4
+    parts = [x[:7], x[7:30], x[30:]]  # unequal counts per "rank"
+    stats = [torch.var_mean(p, dim=0, correction=0) for p in parts]
+    mean, var = merge_stats(torch.stack([m for _, m in stats]), torch.stack([v for v, _ in stats]),
+                            torch.tensor([[7.0], [23.0], [20.0]], dtype=torch.float64))
+    torch.testing.assert_close(mean, x.mean(0), atol=0, rtol=1e-12)
+    torch.testing.assert_close(var, x.var(0, unbiased=False), atol=0, rtol=1e-9)
 
 
 def test_token_batchnorm_normalises_over_all_tokens_and_tracks_running_stats():
@@ -66,8 +93,13 @@ def _bn_worker(rank, world, port, x, w, b, g, out_dir):
         xr = x[sl].clone().requires_grad_(True)
         y = bn(xr.reshape(rows // 3, 3, -1))  # [B, L, C] tokens
         (y.reshape(rows, -1) * g[sl]).sum().backward()
-        torch.save({"y": y.detach().reshape(rows, -1), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
-                    "running_mean": bn.running_mean.clone()}, f"{out_dir}/rank{rank}.pt")
+        result = {"y": y.detach().reshape(rows, -1), "dx": xr.grad, "dw": bn.weight.grad.clone(), "db": bn.bias.grad.clone(),
+                  "running_mean": bn.running_mean.clone()}
+        xl = (x[sl] * 0.25 + 1000).requires_grad_(True)  # large mean: the statistics must not cancel
+        yl = bn(xl.reshape(rows // 3, 3, -1))
+        (yl.reshape(rows, -1) * g[sl]).sum().backward()
+        result.update(y_large=yl.detach().reshape(rows, -1), dx_large=xl.grad)
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -93,3 +125,6 @@ def test_two_gloo_ranks_equal_batchnorm_on_joined_batch(tmp_path):
     torch.testing.assert_close((ranks[0]["db"] + ranks[1]["db"]).double(), db, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ranks[0]["running_mean"], ranks[1]["running_mean"])
     torch.testing.assert_close(ranks[0]["running_mean"], 0.1 * x.mean(0), atol=1e-5, rtol=1e-4)
+    y, dx, _, _ = _reference(x * 0.25 + 1000, w, b, g)
+    torch.testing.assert_close(torch.cat([r["y_large"] for r in ranks]).double(), y, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(torch.cat([r["dx_large"] for r in ranks]).double(), dx, atol=2e-2, rtol=1e-2)

@@ -52,10 +52,10 @@ def smoke(shards, out, stage: int, precision: str) -> dict:
     return result
 
 
-def ema_check(shards, out, stage: int, steps: int = 4) -> dict:
+def ema_check(shards, out, stage: int, steps: int = 4, *over: str) -> dict:
     """The target after training equals a hand-computed fp64 EMA of the online weights."""
-    t = make(shards, out, f"ema_z{stage}", f"deepspeed.zero_stage={stage}", f"optim.max_steps={steps}",
-             "optim.base_lr=1e-2", "ema.momentum=0.9")
+    t = make(shards, out, f"ema_z{stage}{len(over)}", f"deepspeed.zero_stage={stage}", f"optim.max_steps={steps}",
+             "optim.base_lr=1e-2", "ema.momentum=0.9", *over)
     pairs = t.model.ema_pairs()
     online = [o for _, o, _ in pairs]
     target = [tp for _, _, tp in pairs]
@@ -72,7 +72,8 @@ def ema_check(shards, out, stage: int, steps: int = 4) -> dict:
         prev = gathered(online)
     err = max(float((a - b).abs().max()) for a, b in zip(gathered(target), hand))
     moved = max(float((a - b).abs().max()) for a, b in zip(gathered(target), gathered(online)))
-    return {"initial_equal": initial_equal, "max_err": err, "target_vs_online": moved}
+    persistent = sum(bool(getattr(tp, "ds_persist", False)) for tp in target)
+    return {"initial_equal": initial_equal, "max_err": err, "target_vs_online": moved, "persistent": persistent}
 
 
 def nan_check(shards, out) -> dict:
@@ -110,16 +111,26 @@ def window_check(shards, out, slow_s: float = 3.0) -> dict:
     t = make(shards, out, "window", "optim.max_steps=10", "log.every=5")
     real_step = t.train_step
 
-    def train_step(batches):
+    def train_step(batches, read=True):
         if t.state.step == 2:
             time.sleep(slow_s)
-        return real_step(batches)
+        return real_step(batches, read=read)
 
     t.train_step = train_step
     t.fit()
     records = [json.loads(line) for line in (out / "window" / "metrics.jsonl").read_text().splitlines()] \
         if INFO.is_main else []
     return {"records": records, "slow_s": slow_s, "global_batch": 4 * INFO.world_size}
+
+
+def seed_check(shards, out) -> dict:
+    """Init weights identical on every rank; drop-path masks drawn afterwards differ per rank."""
+    t = make(shards, out, "seed", "deepspeed.zero_stage=2", "optim.max_steps=1", "model.drop_path=0.5")
+    init_sum = [float(p.sum()) for p in gathered(t.model.online_parameters())]
+    t.engine.train()
+    drop = t.model.online.encoder.blocks[-1].drop_path1  # timm DropPath, rate 0.5 in the last block
+    kept = drop(torch.ones(64, 1, 1)).flatten().ne(0).tolist()
+    return {"init_sum": init_sum, "drop_path_kept": kept}
 
 
 if __name__ == "__main__":
@@ -133,7 +144,10 @@ if __name__ == "__main__":
     results["z3_ckpt"] = {"losses": ckpt.fit().losses}
     for stage in (2, 3):
         results[f"ema_z{stage}"] = ema_check(shards, out, stage)
+    # small target params kept gathered on every rank ("persistent"): refreshed after each update
+    results["ema_z3_persist"] = ema_check(shards, out, 3, 4, "deepspeed.persistence_threshold=100000")
     results["nan"] = nan_check(shards, out)
+    results["seed"] = seed_check(shards, out)
     accum = make(shards, out, "accum", "optim.grad_accum=2", "optim.max_steps=2")
     state = accum.fit()
     results["accum"] = {"losses": state.losses, "micro_in_epoch": state.micro_in_epoch,
