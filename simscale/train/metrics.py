@@ -7,6 +7,7 @@ caller decides which (`live`): only the CLI and the distributed setup read the e
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path

@@ -59,7 +59,7 @@ def test_flipped_optimizer_bytes_are_detected_and_resume_falls_back(run3, train_
     assert f"skipping checkpoint {tag_for(3)}" in out(proc) and f"resumed from {run_dir / 'checkpoints' / tag_for(2)}" \
         in out(proc).replace("\n", "")
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]  # step 2 was replayed and is logged once
+    assert steps == [1, 2, 3, 4]  # records count steps completed; step 3 was replayed and is logged once
     # the damaged one was rewritten by the replay (same step), all checkpoints now verify
     assert all(verify(t, content=True) is None for t in Checkpointer(run_dir, 0, 1, 5).tags())
 
