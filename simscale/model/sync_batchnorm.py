@@ -7,8 +7,8 @@ arithmetic in plain ops elsewhere. Either way the statistics are numerically saf
 computes its own mean and centred variance (Welford / `var_mean`), and ranks are merged with
 Chan's formula, never E[x^2] - mean^2 (which cancels to noise when |mean| >> std). One
 collective per layer per direction (all-gather of [mean, var or invstd, count] forward,
-all-reduce of [sum dy, sum dy*xhat] backward) on a process group of its own, so it does not
-queue behind ZeRO's bucketed gradient reductions on the default group. Statistics and gradients
+all-reduce of [sum dy, sum dy*xhat] backward) on a process group of its own under NCCL, so it
+does not queue behind ZeRO's bucketed gradient reductions on the default group (gloo: the default group). Statistics and gradients
 are float32 whatever the input dtype. With no process group (or world size 1) the module is
 plain `F.batch_norm`.
 """
@@ -27,8 +27,14 @@ def _world_size() -> int:
 
 
 def bn_group():
-    """The statistics' own process group: every rank, created once (lazily, on the first synced
-    forward, which every rank reaches in the same order)."""
+    """The statistics' own process group on NCCL: every rank, created once (lazily, on the first
+    synced forward, which every rank reaches in the same order), so BatchNorm's collectives get
+    their own communicator instead of queueing behind ZeRO's bucketed reductions. gloo (CPU) runs
+    every collective synchronously in call order, so a second group buys nothing there, and a
+    cached gloo group outliving `destroy_process_group` aborts the process at exit: the default
+    group is used."""
+    if dist.get_backend() != "nccl":
+        return None
     world = dist.group.WORLD
     if _GROUP.get("world") is not world:  # first use, or the default group was re-initialised
         _GROUP.update(world=world, group=dist.new_group(backend=dist.get_backend()))
