@@ -223,21 +223,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"batch_size": 128},
         "deepspeed": {"zero_stage": 2},
     },
-    "vit_l16_141g": {
-        "model": {
-            "arch": "vit_large_patch16_224", "embed_dim": 1024, "depth": 24, "num_heads": 16,
-        },
-        "optim": {"batch_size": 512},
-        "deepspeed": {"zero_stage": 2},
-    },
-    "vit_h14_141g": {
-        "model": {
-            "arch": "vit_huge_patch14_224", "patch_size": 14, "embed_dim": 1280, "depth": 32,
-            "num_heads": 16,
-        },
-        "optim": {"batch_size": 256},
-        "deepspeed": {"zero_stage": 2},
-    },
     "vit_g14": {
         "model": {
             "arch": "vit_giant_patch14_224", "patch_size": 14, "embed_dim": 1408, "depth": 40,
@@ -247,6 +232,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "deepspeed": {"zero_stage": 3},
     },
 }
+
+
+# The 141 GB variants are the 80 GB presets with the batch the same rule gives at 141 GB.
+PRESETS["vit_l16_141g"] = {**copy.deepcopy(PRESETS["vit_l16"]), "optim": {"batch_size": 512}}
+PRESETS["vit_h14_141g"] = {**copy.deepcopy(PRESETS["vit_h14"]), "optim": {"batch_size": 256}}
 
 
 # ---------------------------------------------------------------------------------------------
