@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU first contact in one call: install the carried wheels, check every import, then ONE Python
 # process (bench/gpu_bench.py): ViT-L/16 SIM bf16 throughput sweep (ZeRO-2/3, activation
-# checkpointing on/off, batch 64, 128, ... until OOM), a kernel profile of the best point and a
-# 20-step `simscale train` killed and resumed. At most 8 minutes; 3 files under $OUT.
+# checkpointing on/off, batch 64, 128, ... until OOM), a kernel profile of the best point,
+# model.compile on/off at one point, a 20-step `simscale train` killed and resumed and torch's
+# sync detector over the real Trainer's non-logging steps. At most 9 minutes; 3 files under $OUT.
 #
 #   bash bench/gpu.sh          # on the GPU machine, from the repository root; carry bench/wheels
 #   bash bench/gpu.sh --cpu    # the rehearsal: the same lines on CPU (tiny preset, fp32,
@@ -29,7 +30,7 @@ if [ "$MODE" = cpu ]; then
   WHEELS=${WHEELS:-bench/wheels-host}; BUDGET_S=1200; LIMIT_S=1300; ARGS=(--cpu --fake-oom-above 16)
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
-  WHEELS=${WHEELS:-bench/wheels}; BUDGET_S=400; LIMIT_S=440; ARGS=()
+  WHEELS=${WHEELS:-bench/wheels}; BUDGET_S=460; LIMIT_S=510; ARGS=()
   export DS_ACCELERATOR=cuda
 fi
 mkdir -p "$OUT"

@@ -13,9 +13,14 @@ Phases, each guarded (a crash is recorded in the JSON and the next phase runs):
    then >= 10 steps timed with CUDA events; img/s, MFU (model FLOPs: no recomputation), HFU
    (executed FLOPs: recomputation included), peak memory.
 3. profile: the best point again under torch.profiler; the top kernels go to OUT/profile.txt.
-4. train: `simscale train` as subprocesses on shards made here from generated images: 20 steps
+4. compile: model.compile=true against eager at one ZeRO-2 point (the largest batch the sweep
+   ran without recomputation, at most --compile-max-batch), one after the other; the compile
+   time is the first step's.
+5. train: `simscale train` as subprocesses on shards made here from generated images: 20 steps
    uninterrupted; the same run killed after step 14 (checkpoint at 10) and resumed with
    `--resume auto`; the per-step losses of the two are compared.
+6. syncs: bench/sync_census.py on those shards: torch's CUDA sync detector over the real
+   Trainer's non-logging steps, each sync attributed to simscale, DeepSpeed or other code.
 Output: one table on stdout, OUT/gpu_bench.json, OUT/profile.txt.
 
 `--cpu` is the rehearsal (tests/bench/test_gpu_rehearsal.py): every line above runs, with a
@@ -103,11 +108,12 @@ def allocated_gb(dev: torch.device) -> float:
     return torch.cuda.memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
 
 
-def make_config(args, zero: int, ckpt: bool, batch: int):
+def make_config(args, zero: int, ckpt: bool, batch: int, compile: bool = False):
     from simscale.config import build_config, resolve_lr
 
     over = [f"optim.batch_size={batch}", "optim.max_steps=1000", f"deepspeed.zero_stage={zero}",
-            f"model.grad_checkpointing={str(ckpt).lower()}", f"deepspeed.precision={args.precision}"]
+            f"model.grad_checkpointing={str(ckpt).lower()}", f"deepspeed.precision={args.precision}",
+            f"model.compile={str(compile).lower()}"]
     cfg, _ = resolve_lr(build_config(args.preset, overrides=over), 1)
     return cfg
 
@@ -129,6 +135,8 @@ def build_engine(cfg, info):
     else:
         with torch.device(info.device):  # initialise on the device: ViT-L's init is slow on CPU cores
             model = SIM(cfg)
+    if cfg.model.compile:  # as the Trainer does: torch.compile of each encoder block, before DeepSpeed
+        model.compile_encoder_blocks()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
     return engine, ShardedEMA(engine.module.ema_pairs())
 
@@ -273,6 +281,57 @@ def profile_best(args, info, best: dict, out: Path) -> dict:
             "top": [{"name": e.key[:80], "share": round(getattr(e, key) / total, 4), "calls": e.count} for e in top]}
 
 
+def compile_point(args, info, budget: Budget, peak, matmul, results: dict) -> dict:
+    """model.compile=true against the same point without it (ZeRO-2, no recomputation), measured
+    in this phase one after the other so that the ratio is of one run."""
+    dev = info.device
+    plain = [r for r in results["sweep"] if "error" not in r and r["zero"] == 2 and not r["grad_ckpt"]]
+    size = min(max((r["batch"] for r in plain), default=args.batches[0]), args.compile_max_batch)
+    out = {"zero": 2, "grad_ckpt": False, "batch": size}
+    for name, flag in (("eager", False), ("compiled", True)):
+        if budget.left() < args.tail_s + 40:
+            out[name] = {"error": "skipped: time budget"}
+            continue
+        cfg = make_config(args, 2, False, size, compile=flag)
+        t0 = time.monotonic()
+        engine, ema = build_engine(cfg, info)
+        from step_bench import synthetic_batch
+
+        batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, size).items()}
+        step = make_step(cfg, engine, ema, batch, 0)
+        step()  # the compile happens here
+        sync(dev)
+        first_s = time.monotonic() - t0
+        rec = measure(args, cfg, engine, ema, info, size, peak, matmul)
+        rec["build_and_first_step_s"] = round(first_s, 1)
+        out[name] = rec
+        log(f"compile={flag}: {json.dumps(rec)}")
+        ema = step = batch = None
+        free_engine(engine, dev)
+        save(results)
+    if "img_per_s" in out.get("eager", {}) and "img_per_s" in out.get("compiled", {}):
+        out["speedup"] = round(out["compiled"]["img_per_s"] / out["eager"]["img_per_s"], 3)
+    return out
+
+
+def sync_census(args, work: Path) -> dict:
+    """bench/sync_census.py on the smoke phase's shards: torch's sync detector over the real
+    Trainer's non-logging steps (a subprocess: a world of its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env["SIMSCALE_NO_PROGRESS"] = "1"
+    if not (work / "shards").is_dir():
+        return {"error": "no shards (the train phase did not prepare them)"}
+    cmd = [sys.executable, str(HERE / "sync_census.py"), str(work / "shards"), str(work / "census"),
+           args.train_preset, f"optim.batch_size={args.train_batch}", f"data.num_workers={args.train_workers}",
+           f"deepspeed.precision={args.precision}"]
+    log("+ " + " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.train_timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        return {"rc": proc.returncode, "log_tail": (proc.stdout + proc.stderr)[-2000:]}
+    return json.loads(lines[-1])
+
+
 # -- phase 4: the real trainer, killed and resumed -------------------------------------------------
 def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
     """Smooth random colour fields with a few shapes, as JPEGs in 4 class folders."""
@@ -415,6 +474,8 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fake-oom-above", type=int, default=0)
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--compile-max-batch", type=int, default=256)
     p.add_argument("--profile-max-batch", type=int, default=512)
     a = p.parse_args(argv)
     a.ckpt = [bool(c) for c in a.ckpt]
@@ -423,14 +484,18 @@ def parse(argv=None):
         a.warmup = min(a.warmup, 1)
         a.batches = a.batches or [8, 16, 32]
         a.budget_s = a.budget_s or 1200  # generous: the rehearsal checks lines, not speed (shared CPUs)
-        a.reserve_s = 60  # profile + trainer smoke after the sweep
+        a.reserve_s = 150  # profile + compile pair + trainer smoke + sync census after the sweep
+        a.tail_s = 60  # trainer smoke + sync census: what the compile phase leaves untouched
         a.train_preset, a.train_batch, a.train_workers, a.train_timeout = "tiny", 8, 1, 120
         a.train_images, a.train_image_size = 48, 64
     else:
         a.preset, a.precision, a.profile_steps = "vit_l16", "bf16", 3
         a.batches = a.batches or [64, 128, 256, 512, 1024, 2048, 4096]
-        a.budget_s = a.budget_s or 400
-        a.reserve_s = 160  # profile (~30 s) + trainer smoke (3 launches of vit_s16, ~90 s)
+        a.budget_s = a.budget_s or 460
+        # profile (~30 s) + compile pair (2 builds, one compile, ~100 s) + trainer smoke (3 launches
+        # of vit_s16, ~90 s) + sync census (1 launch, ~30 s)
+        a.reserve_s = 250
+        a.tail_s = 120
         a.train_preset, a.train_batch, a.train_workers, a.train_timeout = "vit_s16", 64, 4, 150
         a.train_images, a.train_image_size = 256, 160
     return a
@@ -475,8 +540,12 @@ def main(argv=None) -> int:
         best = max(ok, key=lambda r: r["img_per_s"])
         results["best"] = best
         results["profile"] = phase("profile", results, profile_best, args, info, best, out)
+    if ok and not args.skip_compile:
+        results["compile"] = phase("compile", results, compile_point, args, info, budget, peak, matmul or 1.0,
+                                   results)
     if not args.skip_train:
         results["train"] = phase("train", results, smoke_train, args, budget, work)
+        results["syncs"] = phase("syncs", results, sync_census, args, work)
     results["total_s"] = round(budget.elapsed(), 1)
     save(results)
     print_table(results)
@@ -485,6 +554,12 @@ def main(argv=None) -> int:
         log(f"best: ZeRO-{b['zero']} ckpt={int(b['grad_ckpt'])} batch {b['batch']}: {b['img_per_s']} img/s, "
             f"MFU {b['mfu']}, HFU {b['hfu']}, {b['peak_mem_gb']} GiB")
     tr = results.get("train") or {}
+    if results.get("compile"):
+        c = results["compile"]
+        log(f"compile: batch {c['batch']}: eager {c.get('eager', {}).get('img_per_s')} img/s, compiled "
+            f"{c.get('compiled', {}).get('img_per_s')} img/s, speedup {c.get('speedup')}")
+    if results.get("syncs"):
+        log(f"sync census (non-logging steps): {json.dumps(results['syncs'])[:1500]}")
     log(f"train smoke: {json.dumps({k: v for k, v in tr.items() if not k.startswith('losses')})[:1500]}")
     log(f"total {results['total_s']} s; errors: {results['errors'] or 'none'}")
     good = bool(ok) and not results["errors"] and tr.get("first_resumed_equal", args.skip_train)

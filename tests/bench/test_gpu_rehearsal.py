@@ -59,6 +59,13 @@ def test_gpu_sh_rehearsal_runs_every_phase(rehearsal):
     profile = (out / "profile.txt").read_text()
     assert "aten::" in profile and res["profile"]["top"]
 
+    comp = res["compile"]  # model.compile on/off at one point: both measured, the same loss to fp32 noise
+    assert comp["eager"]["img_per_s"] > 0 and comp["compiled"]["img_per_s"] > 0 and comp["speedup"] > 0, comp
+    assert abs(comp["eager"]["loss_first"] - comp["compiled"]["loss_first"]) < 1e-4, comp
+
+    census = res["syncs"]  # the real Trainer ran its 6 steps under the census (no detector on CPU)
+    assert census["mode"] == "cpu" and census["steps"] == 6 and set(census["syncs_per_step"]) == {"1", "2", "3", "4"}
+
     train = res["train"]
     assert (train["full_rc"], train["killed_rc"], train["resumed_rc"]) == (0, 17, 0), train
     assert train["steps_full"] == 20 and train["steps_compared"] == 20 and train["resumed_steps"] == 10
