@@ -31,6 +31,7 @@ class SyncCounter:
     def __init__(self):
         self.step: int | None = None  # the step being counted, None: not counting
         self.host: set[int] = set()  # ids of the stream's batch tensors
+        self.alive: list[torch.Tensor] = []  # those tensors: a freed one's id could go to the loss
         self.calls: dict[int, Counter] = {}
 
     def _wrap(self, name, fn):
@@ -70,7 +71,9 @@ def main() -> None:
 
     def recorded_batches():
         for batch in batches():
-            counter.host |= {id(v) for v in batch.values() if isinstance(v, torch.Tensor)}
+            host = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+            counter.alive.extend(host)  # an id is unique only while its tensor lives: keep them alive
+            counter.host |= {id(v) for v in host}
             yield batch
 
     trainer._batches = recorded_batches
