@@ -1,0 +1,87 @@
+"""No job hangs, on 2 real gloo ranks under torchrun: a rank that raises, a rank that is stopped, and
+ranks whose checkpoint listings differ. Three launches in all.
+
+- A rank raising an ordinary exception ends the other within seconds, with a line on that rank
+  naming who failed (the failure notice, not the collective timeout, which is set to 300 s).
+- Resuming that run while rank 1 lists a stale directory holding an extra, newer checkpoint (a copy
+  of an older one): both ranks resume from rank 0's choice and finish.
+- A rank stopped with SIGSTOP: the other rank exits after run.collective_timeout_s with one line
+  naming the phase and the timeout (torchrun then needs its 30 s grace to SIGKILL the stopped one).
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from simscale.train.checkpoint import tag_for
+from tests.distrun import ROOT, cpu_env, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def launch(args: list[str], timeout: int) -> tuple[int, str, float]:
+    """torchrun 2 ranks of `python -m tests.train.faults ARGS` in a session of its own, so that a
+    timeout kills the stopped rank too; returns (exit code, output, unix time it ended)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--master_addr=127.0.0.1", "-m", "tests.train.faults", *args]
+    proc = subprocess.Popen(cmd, env=cpu_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the job hung for {timeout} s:\n{out[-3000:]}")
+    return proc.returncode, out, time.time()
+
+
+def fault_time(out: str) -> float:
+    return float(re.search(r"^fault: rank \d \w+ after step \d+ at ([\d.]+)$", out, re.M).group(1))
+
+
+def common(shards, run_dir, timeout_s: int) -> list[str]:
+    return ["train", "--preset", "tiny", f"data.train={shards}", "data.num_workers=1", "optim.batch_size=4",
+            "optim.max_steps=9", "run.save_every=3", "log.tensorboard=false", f"run.dir={run_dir}",
+            f"run.collective_timeout_s={timeout_s}"]
+
+
+def test_a_raising_rank_ends_the_job_in_seconds_then_rank_0_chooses_the_checkpoint(train_shards, tmp_path):
+    run = tmp_path / "run"
+    rc, out, ended = launch(["--raise-after", "6", "1", *common(train_shards, run, 300)], timeout=400)
+    assert rc != 0, out[-3000:]
+    took = ended - fault_time(out)
+    assert took < 30, (took, out[-3000:])  # the collective timeout is 300 s
+    assert "error: rank 1: RuntimeError during" in out and "injected failure on rank 1 after step 6" in out
+    assert re.search(r"error: rank 0: stopping during '[\w ]+' because rank 1 failed: RuntimeError", out), out[-3000:]
+    ckpts = run / "checkpoints"
+    assert (ckpts / tag_for(6) / "COMPLETE").is_file() and not (ckpts / tag_for(9)).exists()
+
+    # Rank 1's listing: the two real checkpoints and a newer-named one that holds step 3's state.
+    view = tmp_path / "stale_view"
+    view.mkdir()
+    for step in (3, 6):
+        (view / tag_for(step)).symlink_to(ckpts / tag_for(step))
+    shutil.copytree(ckpts / tag_for(3), view / tag_for(7))
+    rc, out, _ = launch(["--stale-view", str(view), "1", *common(train_shards, run, 300)], timeout=400)
+    assert rc == 0, out[-3000:]
+    assert "fault: rank 0 resumes from step_00000006" in out and "fault: rank 1 resumes from step_00000006" in out
+    assert f"resumed from {ckpts / tag_for(6)} at step 6" in out.replace("\n", "")
+    assert (ckpts / tag_for(9) / "COMPLETE").is_file()
+
+
+def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(train_shards, tmp_path):
+    timeout_s = 20
+    rc, out, ended = launch(["--stop-after", "2", "1", *common(train_shards, tmp_path, timeout_s)], timeout=300)
+    assert rc != 0, out[-3000:]
+    line = re.search(r"error: rank 0: collective '([\w ]+)' timed out after 20 s waiting for another rank "
+                     r"\(stopped or hung\); raise run.collective_timeout_s or find the stuck rank", out)
+    assert line, out[-3000:]
+    assert line.group(1) in ("train step", "data", "checkpoint save")
+    # timeout + the notice's linger (3 s) + torchrun's 30 s before it SIGKILLs the stopped rank
+    took = ended - fault_time(out)
+    assert timeout_s <= took < timeout_s + 3 + 30 + 30, (took, out[-3000:])
