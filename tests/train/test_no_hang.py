@@ -1,5 +1,5 @@
 """No job hangs, on 2 real gloo ranks under torchrun: a rank that raises, a rank that is stopped, and
-ranks whose checkpoint listings differ. Three launches in all.
+ranks whose checkpoint listings differ. Four launches in all.
 
 - A rank raising an ordinary exception ends the other within seconds, with a line on that rank
   naming who failed (the failure notice, not the collective timeout, which is set to 300 s).
@@ -7,7 +7,11 @@ ranks whose checkpoint listings differ. Three launches in all.
   of an older one): both ranks resume from rank 0's choice and finish.
 - A rank stopped with SIGSTOP: the other rank exits after run.collective_timeout_s with one line
   naming the phase and the timeout (torchrun then needs its 30 s grace to SIGKILL the stopped one).
+- Checkpoint choice where each rank sees its own directory (plain gloo, no training): a stale extra
+  checkpoint, a newest one a rank cannot see, one damaged in a rank's own file, an explicit --resume.
 """
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -19,7 +23,7 @@ import time
 import pytest
 
 from simscale.train.checkpoint import tag_for
-from tests.distrun import ROOT, cpu_env, free_port
+from tests.distrun import ROOT, cpu_env, free_port, tail, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +89,48 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(train_shards, 
     # timeout + the notice's linger (3 s) + torchrun's 30 s before it SIGKILLs the stopped rank
     took = ended - fault_time(out)
     assert timeout_s <= took < timeout_s + 3 + 30 + 30, (took, out[-3000:])
+
+
+def make_tag(run_dir, step: int):
+    """A complete checkpoint with one file of each rank's (rank 1 hashes its simscale_rank00001 file)."""
+    d = run_dir / "checkpoints" / tag_for(step)
+    d.mkdir(parents=True)
+    files = {}
+    for name, size in (("mp_rank_00_model_states.pt", 64), ("simscale_rank00001.safetensors", 32)):
+        (d / name).write_bytes(bytes([step]) * size)
+        files[name] = {"bytes": size, "sha256": hashlib.sha256((d / name).read_bytes()).hexdigest()}
+    (d / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 2, "files": files}))
+
+
+def scenario(root, name: str, rank0_steps, rank1_steps, resume=("auto", "auto")):
+    for rank, steps in enumerate((rank0_steps, rank1_steps)):
+        (root / name / f"rank{rank}").mkdir(parents=True)
+        for step in steps:
+            make_tag(root / name / f"rank{rank}", step)
+    (root / name / "resume.json").write_text(json.dumps({"0": resume[0], "1": resume[1]}))
+    return root / name
+
+
+def test_rank_0_chooses_and_every_rank_verifies_its_choice(tmp_path):
+    """One launch of 2 plain gloo ranks, each looking at its own copy of the run directory."""
+    root = tmp_path / "scenarios"
+    scenario(root, "stale_extra_on_rank1", (3, 6), (3, 6, 9))
+    scenario(root, "newest_unseen_on_rank1", (3, 6), (3,))
+    damaged = scenario(root, "damaged_on_rank1", (3, 6), (3, 6))
+    victim = damaged / "rank1" / "checkpoints" / tag_for(6) / "simscale_rank00001.safetensors"
+    victim.write_bytes(b"\x00" * victim.stat().st_size)  # same size, other bytes: only rank 1's hash sees it
+    scenario(root, "explicit_missing_on_rank1", (3, 6), (3,),
+             resume=("checkpoints/step_00000006", "checkpoints/step_00000003"))
+    proc = torchrun(["tests.train.choice_worker", str(root), str(tmp_path)], timeout=120)
+    assert proc.returncode == 0, tail(proc)
+    ranks = [json.loads((tmp_path / f"choice_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # never a split choice
+    got = ranks[0]
+    assert got["stale_extra_on_rank1"] == {"chosen": tag_for(6)}  # rank 1's extra step 9 is not rank 0's
+    assert got["newest_unseen_on_rank1"]["error"].startswith(
+        "rank 1 cannot see checkpoint 'checkpoints/step_00000006' that rank 0 chose (it does not exist)")
+    assert got["damaged_on_rank1"] == {"chosen": tag_for(3)}
+    assert "skipping checkpoint step_00000006: rank 1: file 'simscale_rank00001.safetensors' does not match its " \
+           "sha256" in proc.stderr.replace("\n", "")
+    assert got["explicit_missing_on_rank1"]["error"].startswith(
+        "cannot resume from 'checkpoints/step_00000006': rank 1: it does not exist")
