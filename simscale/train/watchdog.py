@@ -138,7 +138,12 @@ _notice: FailureNotice | None = None
 def start_failure_notice(host: str, port: int, rank: int, world_size: int, key: str) -> None:
     global _notice
     if world_size > 1 and _notice is None:
-        _notice = FailureNotice(host, port, rank, world_size, key)
+        try:
+            _notice = FailureNotice(host, port, rank, world_size, key)
+        except Exception as exc:  # noqa: BLE001 - training works without it; say what is lost
+            console.print(f"[yellow]rank {rank}: no failure notice ({type(exc).__name__}: {exc}): a failing rank "
+                          "ends the others only through the launcher or run.collective_timeout_s[/yellow]",
+                          highlight=False, soft_wrap=True)
 
 
 def _flush() -> None:
