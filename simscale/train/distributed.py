@@ -154,6 +154,7 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                    verbose=False, rank=rank, world_size=world)
     # One key per torchrun attempt: a restarted job must not read the previous attempt's failure.
-    key = f"simscale/failed/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key = f"simscale/failed/{attempt}"
     watchdog.start_failure_notice(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, key)
     return DistInfo(rank, world, local, device, backend)
