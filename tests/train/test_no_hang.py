@@ -1,5 +1,5 @@
-"""No job hangs, on 2 real gloo ranks under torchrun: a rank that raises, a rank that is stopped, and
-ranks whose checkpoint listings differ. Four launches in all.
+"""No job hangs, on 2 real gloo ranks (torchrun; one case with two DeepSpeed launchers): a rank that
+raises, a rank that is stopped, ranks whose checkpoint listings differ. Six launches in all.
 
 - A rank raising an ordinary exception ends the other within seconds, with a line on that rank
   naming who failed (the failure notice, not the collective timeout, which is set to 300 s).
@@ -9,6 +9,7 @@ ranks whose checkpoint listings differ. Four launches in all.
   naming the phase and the timeout (torchrun then needs its 30 s grace to SIGKILL the stopped one).
 - Checkpoint choice where each rank sees its own directory (plain gloo, no training): a stale extra
   checkpoint, a newest one a rank cannot see, one damaged in a rank's own file, an explicit --resume.
+- Rank 0 raising on one of two 'nodes' (two DeepSpeed launchers): rank 1 on the other ends in seconds.
 """
 import hashlib
 import json
@@ -59,6 +60,7 @@ def test_a_raising_rank_ends_the_job_in_seconds_then_rank_0_chooses_the_checkpoi
     rc, out, ended = launch(["--raise-after", "6", "1", *common(train_shards, run, 300)], timeout=400)
     assert rc != 0, out[-3000:]
     took = ended - fault_time(out)
+    print(f"raise on rank 1 -> job ended in {took:.1f} s")
     assert took < 30, (took, out[-3000:])  # the collective timeout is 300 s
     assert "error: rank 1: RuntimeError during" in out and "injected failure on rank 1 after step 6" in out
     assert re.search(r"error: rank 0: stopping during '[\w ]+' because rank 1 failed: RuntimeError", out), out[-3000:]
@@ -88,6 +90,7 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(train_shards, 
     assert line.group(1) in ("train step", "data", "checkpoint save")
     # timeout + the notice's linger (3 s) + torchrun's 30 s before it SIGKILLs the stopped rank
     took = ended - fault_time(out)
+    print(f"SIGSTOP on rank 1 -> job ended in {took:.1f} s (timeout {timeout_s} s)")
     assert timeout_s <= took < timeout_s + 3 + 30 + 30, (took, out[-3000:])
 
 
@@ -134,3 +137,34 @@ def test_rank_0_chooses_and_every_rank_verifies_its_choice(tmp_path):
            "sha256" in proc.stderr.replace("\n", "")
     assert got["explicit_missing_on_rank1"]["error"].startswith(
         "cannot resume from 'checkpoints/step_00000006': rank 1: it does not exist")
+
+
+def test_a_failing_rank_0_ends_rank_1_on_another_node(train_shards, tmp_path):
+    """Two DeepSpeed launchers (no-ssh, one rank per 'node', as launchers/multi_node.sh starts them):
+    no launcher ends the other node's ranks, and rank 0's process hosts the rendezvous store."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
+                               "--master_port", port, "--no_ssh", "--node_rank", str(r), "--no_local_rank",
+                               "--module", "tests.train.faults", "--raise-after", "2", "0",
+                               *common(train_shards, tmp_path / "run", 300)],
+                              cwd=ROOT, env=cpu_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+             for r in (0, 1)]
+    outs, ended = [], []
+    try:
+        for n in nodes:
+            outs.append(n.communicate(timeout=300)[0])
+            ended.append(time.time())
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+    assert [n.returncode != 0 for n in nodes] == [True, True], outs[0][-2000:] + outs[1][-2000:]
+    took = max(ended) - fault_time(outs[0])
+    print(f"raise on rank 0 of 2 launchers -> both ended in {took:.1f} s")
+    assert took < 30, (took, outs[0][-2000:], outs[1][-2000:])  # the collective timeout is 300 s
+    assert "error: rank 0: RuntimeError during" in outs[0]
+    assert re.search(r"error: rank 1: stopping during '[\w ]+' because rank 0 failed: RuntimeError", outs[1]), \
+        outs[1][-3000:]
