@@ -27,7 +27,7 @@ from simscale.train.ds_config import build_ds_config
 from simscale.train.ema import ShardedEMA
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.schedules import Schedule
-from simscale.train.watchdog import set_phase
+from simscale.train.watchdog import on_failure, set_phase
 from simscale.train.zero import full_shape
 
 
@@ -127,6 +127,7 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                                 self.schedule.total_steps, live=live_progress)
+        on_failure(self.sink.close)  # a rank ended by another's failure still stops its bar, flushes its files
         self.knn = None
         if self.cfg.eval.every:
             from simscale.train.online_knn import OnlineKNN

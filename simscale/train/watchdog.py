@@ -38,6 +38,28 @@ def current_phase() -> str:
     return _phase
 
 
+_on_failure: list = []
+
+
+def on_failure(fn) -> None:
+    """Call `fn` (best effort, at most 2 s for all) before a failing rank leaves with os._exit:
+    e.g. the metrics sink's close, which stops a live progress bar and flushes TensorBoard."""
+    _on_failure.append(fn)
+
+
+def _run_on_failure() -> None:
+    def run() -> None:
+        for fn in list(_on_failure):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - leaving anyway; a closed file or a half-written line
+                pass
+
+    worker = threading.Thread(target=run, daemon=True)  # a thread: a callback that blocks cannot hang us
+    worker.start()
+    worker.join(2.0)
+
+
 def _chain(exc: BaseException):
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -110,6 +132,8 @@ class FailureNotice:
                       f"{line}", highlight=False, soft_wrap=True)
         _flush()
         self._mark_seen()
+        _run_on_failure()
+        _flush()
         os._exit(1)
 
     def _mark_seen(self) -> None:
@@ -169,6 +193,7 @@ def ends_job_on_failure(timeout_s: int):
         console.print(f"[red]error:[/red] rank {notice.rank}: {line}", highlight=False, soft_wrap=True)
         _flush()
         notice.fail(line)
+        _run_on_failure()
         _flush()
         os._exit(code)
     if _notice is not None:
