@@ -31,7 +31,6 @@ class SyncCounter:
     def __init__(self):
         self.step: int | None = None  # the step being counted, None: not counting
         self.host: set[int] = set()  # ids of the stream's batch tensors
-        self.kept: list = []  # ...held, so that no later tensor (a loss) can reuse a freed one's id
         self.calls: dict[int, Counter] = {}
 
     def _wrap(self, name, fn):
@@ -71,9 +70,7 @@ def main() -> None:
 
     def recorded_batches():
         for batch in batches():
-            tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
-            counter.host |= {id(v) for v in tensors}
-            counter.kept += tensors
+            counter.host |= {id(v) for v in batch.values() if isinstance(v, torch.Tensor)}
             yield batch
 
     trainer._batches = recorded_batches
