@@ -155,6 +155,9 @@ class RunConfig:
     save_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_last: int = 3
     max_nonfinite_streak: int = 10  # consecutive skipped steps before the run stops
+    # Seconds a rank waits in a collective for the others before the job ends with one line naming
+    # the phase (a stopped or hung rank); must exceed the longest skew between ranks (a slow save).
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -418,6 +421,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.cache_gb": (0, None, False, False),
     "run.seed": (0, 2**32 - 1, True, True), "run.save_every": (1, None, True, False),
     "run.keep_last": (1, None, True, False), "run.max_nonfinite_streak": (1, None, True, False),
+    "run.collective_timeout_s": (5, 7 * 86400, True, True),
 }
 _ORDERED = ("data.crop_scale", "data.crop_ratio", "data.blur_sigma")  # (low, high) pairs
 

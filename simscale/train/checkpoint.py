@@ -153,23 +153,69 @@ class Checkpointer:
         dist.all_gather_object(problems, problem)
         return next((p for p in problems if p), None)
 
+    def _from_rank0(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (its own when not distributed)."""
+        if not _collective():
+            return value
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _verdicts(self, tag_dir: Path) -> list[tuple[int, str, bool]]:
+        """(rank, problem, seen) of every rank that cannot use `tag_dir`; `seen` False when that rank
+        does not even see the marker or the listed files at their sizes (a file system that differs
+        between ranks), True when it sees them but its own files' hashes differ (damage)."""
+        problem = verify(tag_dir) if tag_dir.is_dir() else "it does not exist"
+        seen = problem is None
+        if seen:
+            share = (self.rank, self.world_size) if _collective() else None
+            problem = verify(tag_dir, content=True, share=share)
+        verdicts: list[tuple[int, str | None, bool]] = [(self.rank, problem, seen)]
+        if _collective():
+            verdicts = [None] * dist.get_world_size()  # type: ignore[list-item]
+            dist.all_gather_object(verdicts, (self.rank, problem, seen))
+        return [v for v in verdicts if v[1]]
+
     def find_resumable(self, resume: str) -> Path | None:
-        """'none' -> None; 'auto' -> newest verified checkpoint (or None); else that directory."""
+        """'none' -> None; 'auto' -> newest checkpoint every rank verified (or None); else that directory.
+
+        Collective. Rank 0 alone lists the checkpoints and broadcasts its choice (ranks listing on their
+        own could pick different ones on a file system with stale caches, then hang); every rank checks
+        that exact checkpoint (COMPLETE, sizes, the hashes of its own files) and the verdicts are
+        gathered, so all ranks load it or all stop with the same line naming the rank. Under 'auto' a
+        checkpoint that rank 0 cannot use or whose contents are damaged is skipped with one line; one
+        that rank 0 sees complete but another rank does not see at all stops the run (falling back
+        would discard the newer checkpoint for a cache that may catch up).
+        """
         if resume == "none":
             return None
         if resume != "auto":
-            tag_dir = Path(resume)
-            problem = self.verify_content(tag_dir) if tag_dir.is_dir() else "it does not exist"
-            if problem:
-                raise CheckpointError(f"cannot resume from '{tag_dir}': {problem}; "
+            tag_dir = Path(self._from_rank0(resume))
+            bad = self._verdicts(tag_dir)
+            if bad:
+                rank, problem, _ = bad[0]
+                who = f"rank {rank}: " if _collective() else ""
+                raise CheckpointError(f"cannot resume from '{tag_dir}': {who}{problem}; "
                                       "pick another step_* directory or use --resume auto")
             return tag_dir
-        for tag_dir in reversed(self.tags()):
-            problem = self.verify_content(tag_dir)
-            if problem is None:
+        names = self._from_rank0([p.name for p in reversed(self.tags())] if self.rank == 0 or not _collective()
+                                 else None)
+        for name in names:
+            tag_dir = self.root / name
+            bad = self._verdicts(tag_dir)
+            if not bad:
                 return tag_dir
+            unseen = [v for v in bad if not v[2]]
+            if _collective() and unseen and bad[0][0] != 0:  # rank 0 sees it complete, another rank does not
+                rank, problem, _ = unseen[0]
+                raise CheckpointError(
+                    f"rank {rank} cannot see checkpoint '{tag_dir}' that rank 0 chose ({problem}): run.dir must "
+                    "be on a file system every rank sees the same; retry when it has caught up, or pass "
+                    "--resume with a checkpoint every rank sees")
+            rank, problem, _ = bad[0]
             if self.rank == 0:
-                console.print(f"[yellow]skipping checkpoint {tag_dir.name}: {problem}; "
+                who = f"rank {rank}: " if _collective() else ""
+                console.print(f"[yellow]skipping checkpoint {tag_dir.name}: {who}{problem}; "
                               "using the previous one[/yellow]", highlight=False, soft_wrap=True)
         return None
 

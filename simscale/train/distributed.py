@@ -100,10 +100,33 @@ def check_cuda_usable() -> None:
     )
 
 
-def init_distributed(timeout_s: int = 1800) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU)."""
+def _collective_timeouts(timeout_s: int) -> None:
+    """Every process group gets `timeout_s`, and on NCCL a timeout ends the process instead of hanging.
+
+    DeepSpeed builds its own groups (a clone of the world for ZeRO's reductions, SyncBN has one too)
+    with `new_group(ranks)`, which takes torch's module-level default (30 min gloo, 10 min NCCL), not
+    the timeout given to init_process_group: so the defaults themselves are set. On NCCL the watchdog
+    then tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, torch's default, made explicit;
+    blocking wait would make every collective a host sync).
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+
+
+def init_distributed(timeout_s: int = 600) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU).
+
+    `timeout_s` (run.collective_timeout_s) bounds every collective; with more than one rank a
+    failure notice (watchdog.py) lets a failing rank end the others within seconds.
+    """
     import deepspeed
 
+    from simscale.train import watchdog
+
+    watchdog.set_phase("setup")
     # DeepSpeed calls torch's old collective names on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     rank, world, local = _env_from_launchers()
@@ -126,7 +149,12 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         skip_cpu_shm_comm_build()
         device = torch.device("cpu")
         backend = "gloo"
+    _collective_timeouts(timeout_s)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                    verbose=False, rank=rank, world_size=world)
+    # One key per torchrun attempt: a restarted job must not read the previous attempt's failure.
+    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key = f"simscale/failed/{attempt}"
+    watchdog.start_failure_notice(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, key)
     return DistInfo(rank, world, local, device, backend)

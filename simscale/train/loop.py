@@ -27,6 +27,7 @@ from simscale.train.ds_config import build_ds_config
 from simscale.train.ema import ShardedEMA
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.schedules import Schedule
+from simscale.train.watchdog import on_failure, set_phase
 from simscale.train.zero import full_shape
 
 
@@ -72,7 +73,7 @@ class Trainer:
         from simscale.model.flops import model_flops_per_sample, train_flops_per_sample
         from simscale.model.sim import SIM
 
-        self.info = dist_info or init_distributed()
+        self.info = dist_info or init_distributed(cfg.run.collective_timeout_s)
         self.cfg, lr_msg = resolve_lr(cfg, self.info.world_size)
         self.run_dir = Path(self.cfg.run.dir)
         if self.info.is_main:
@@ -126,6 +127,7 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                                 self.schedule.total_steps, live=live_progress)
+        on_failure(self.sink.close)  # a rank ended by another's failure still stops its bar, flushes its files
         self.knn = None
         if self.cfg.eval.every:
             from simscale.train.online_knn import OnlineKNN
@@ -140,6 +142,7 @@ class Trainer:
 
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
+        set_phase("resume")
         tag_dir = self.ckpt.find_resumable(resume)
         if tag_dir is None:
             return
@@ -164,6 +167,7 @@ class Trainer:
                         f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
 
     def save(self) -> Path:
+        set_phase("checkpoint save")
         self.read_losses()
         state = {"loop": dataclasses.asdict(self.state), "ema": self.ema.state_dict(), "rng": self.state.rng()}
         meta = {"config": to_dict(self.cfg), "ema_layout": self.ema.state_dict()["layout"]}
@@ -193,6 +197,7 @@ class Trainer:
     def train_step(self, batches, read: bool = True) -> dict[str, Any]:
         """One optimizer step. `read=False` (fit's non-logging steps): loss and grad norm stay
         device tensors, nothing waits for the device; `read_losses()` turns them into floats."""
+        set_phase("train step")
         s, sched = self.state, self.schedule
         lr, wd, momentum = sched.lr_at(s.step), sched.wd_at(s.step), sched.momentum_at(s.step)
         for group in self.engine.optimizer.param_groups:
@@ -204,7 +209,9 @@ class Trainer:
         data_wait, losses = 0.0, []
         for _ in range(self.accum):
             t0 = time.perf_counter()
+            set_phase("data")
             batch = next(batches)
+            set_phase("train step")
             data_wait += time.perf_counter() - t0
             view_a, view_b, geometry, mask = self._to_device(batch)
             view_a = self._fault_inputs(view_a)
@@ -256,6 +263,7 @@ class Trainer:
     # -- online k-NN ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """k-NN top-1 of the online and target encoders after `state.step` steps (collective)."""
+        set_phase("eval")
         s = self.state
         if s.ema_pending:  # the same update the next step would start with: the target is current
             self.ema.update(self.schedule.momentum_at(s.step))

@@ -23,7 +23,14 @@ def live_progress() -> bool:
 def cli_main(args) -> int:
     cfg = build_config(args.preset, args.config, args.overrides)
     from simscale.train.loop import train
+    from simscale.train.watchdog import ends_job_on_failure
 
+    with ends_job_on_failure(cfg.run.collective_timeout_s):  # distributed: one line, the others end too
+        _train(cfg, args, train)
+    return 0
+
+
+def _train(cfg, args, train) -> None:
     try:
         train(cfg, resume=args.resume, live_progress=live_progress())
     except OSError as exc:
@@ -38,4 +45,3 @@ def cli_main(args) -> int:
         where = f": '{exc.filename}'" if exc.filename else ""
         raise SimscaleError(f"{exc.strerror}{where} (run.dir '{cfg.run.dir}'); {intact}: fix it, then rerun "
                             "(--resume auto continues from the newest complete checkpoint)") from None
-    return 0
