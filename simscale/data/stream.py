@@ -372,7 +372,7 @@ class TwoViewStream:
         per_rank = P // world_size
         self.num_workers = worker_count(per_rank, d.num_workers)
         if self.num_workers != d.num_workers and rank == 0:
-            _report("", "#workers", f"data.num_workers={d.num_workers}: {self.num_workers} worker processes "
+            _report("", f"#workers {P} {world_size} {d.num_workers}", f"data.num_workers={d.num_workers}: {self.num_workers} worker processes "
                     f"per rank read its {per_rank} data partitions (data.partitions={P} over {world_size} "
                     "ranks); a worker count that divides them uses more")
         if d.mode == "epoch":
