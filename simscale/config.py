@@ -61,7 +61,9 @@ class DataConfig:
     mode: str = "epoch"  # "epoch": every sample once per epoch; "resampled": with replacement
     samples_per_epoch: int = 0  # resampled mode: epoch length (0: the manifest's total)
     num_workers: int = 4
-    shuffle_buffer: int = 1000  # samples shuffled together, per data partition
+    # The job's shuffle window: each of the data partitions shuffles in chunks of
+    # ceil(shuffle_buffer / partitions) samples, so the job buffers about this many raw samples.
+    shuffle_buffer: int = 16384
     # Canonical partitions of the epoch's sample order (simscale/data/partitions.py): fixed for a
     # run so its data position is world-size free; 0 = chosen at the fresh start and recorded.
     partitions: int = 0

@@ -11,7 +11,8 @@ worker processes split each rank's partitions evenly (the largest divisor of P/W
 num_workers), then the largest such P. When some P is a multiple of W * num_workers this is
 the largest divisor of GM that is a multiple of W * max(1, num_workers) and <= that bound. A
 larger P leaves more world sizes to resume on (any W' dividing P, with B' a multiple of P/W');
-the bound keeps the shuffle chunks a worker holds (one per partition it reads) in memory.
+the bound keeps the shard readers a worker holds open (data.shard_interleave per partition it
+reads) few.
 """
 from __future__ import annotations
 

@@ -8,8 +8,12 @@ Exact-epoch mode ("epoch"), the default:
   concatenated, form one global sequence of N samples, computed from the manifest's counts alone.
 - That sequence is cut into P contiguous partitions (`data.partitions`, sizes differing by at
   most 1; P is fixed for the life of a run, see partitions.py for the auto rule and the checks).
-  Inside a partition, samples are shuffled in chunks of `data.shuffle_buffer` with a permutation
-  from (seed, epoch, partition, chunk start): a shuffle buffer that can be replayed.
+  Inside a partition, samples are shuffled in chunks of ceil(data.shuffle_buffer / P) with a
+  permutation from (seed, epoch, partition, chunk start): a shuffle buffer that can be replayed.
+  `data.shuffle_buffer` is thus the whole job's window, and the job holds about that many raw
+  samples in all, however many ranks and workers read it (one chunk per partition; the chunk
+  depends on P, fixed for the run, as MosaicML streaming's shuffle block does on its canonical
+  nodes, so the order stays world-size free).
 - With W ranks of micro-batch B the micro-step global batch is GM = W * B (P divides GM, W
   divides P). Global micro-batch g is, for p = 0..P-1 in order, samples [g*GM/P, (g+1)*GM/P) of
   partition p's shuffled sequence; rank r's micro-batch g is the slice of its partitions
@@ -343,6 +347,22 @@ def _concat(items: list[dict], pin: bool) -> dict:
     return out
 
 
+def _fit_open_files(readers: int) -> None:
+    """Each partition a process reads keeps its interleave group's shards open at once: raise the
+    soft open-file limit to fit them (never past the hard one), or say what to change."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = readers + 256  # room for the rest of the process: libraries, sockets, DataLoader pipes
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and want > hard:
+        raise DataError(f"each data-loading process would keep {readers} shards open, above the open-file "
+                        f"limit {hard}: raise it (`ulimit -n {want}`), use more data.num_workers, or a smaller "
+                        "data.shard_interleave or data.partitions")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def io_options(d) -> remote.IOOptions:
     """Remote shard I/O options from the data config (data.io_*, data.cache_*)."""
     return remote.IOOptions(retries=d.io_retries, timeout=d.io_timeout, cache_dir=d.cache_dir,
@@ -393,12 +413,14 @@ class TwoViewStream:
         if self.batches_per_epoch < 1:
             raise DataError(f"{samples} samples cannot fill one global batch of {B} x {world_size} "
                             "ranks: lower optim.batch_size or add data")
+        if d.mode == "epoch":
+            _fit_open_files(per_rank // max(1, self.num_workers) * min(d.shard_interleave, len(self.shards.urls)))
         m = cfg.model
         self.plan = _Plan(
             urls=self.shards.urls, counts=self.shards.counts, mode=d.mode, seed=cfg.run.seed,
             total=samples, partitions=P, part_batch=self.global_batch // P,
             owned=list(range(rank * per_rank, (rank + 1) * per_rank)),
-            chunk=d.shuffle_buffer, img_size=m.img_size,
+            chunk=-(-d.shuffle_buffer // P), img_size=m.img_size,
             grid=m.img_size // m.patch_size,
             crop=TwoViewCrop(m.img_size, tuple(d.crop_scale), tuple(d.crop_ratio), d.same_view),
             mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,

@@ -35,7 +35,7 @@ def shards(clean, tmp_path):
 
 def stream(out, rank=0, world=2, workers=0, frac=0.3):
     cfg = build_config("tiny", overrides=[f"data.train={out}", f"data.num_workers={workers}", "optim.batch_size=4",
-                                          "data.shuffle_buffer=8", f"data.max_bad_fraction={frac}"])
+                                          "data.shuffle_buffer=32", f"data.max_bad_fraction={frac}"])
     return TwoViewStream(cfg, rank=rank, world_size=world)
 
 

@@ -71,11 +71,14 @@ def expected_global_batches(parts, global_batch, first=0):
     return [[x for p in parts for x in p[first + g * q:first + (g + 1) * q]] for g in range((steps * q - first) // q)]
 
 
-def cfg_for(out, workers=0, batch=4, **data):
+def cfg_for_overrides(out, batch=4, workers=0, **data):
     overrides = [f"data.train={out}", f"data.num_workers={workers}", f"optim.batch_size={batch}",
-                 "data.shuffle_buffer=8", "run.seed=3"]
-    overrides += [f"data.{k}={v}" for k, v in data.items()]
-    return build_config("tiny", overrides=overrides)
+                 "data.shuffle_buffer=32", "run.seed=3"]
+    return overrides + [f"data.{k}={v}" for k, v in data.items()]
+
+
+def cfg_for(out, workers=0, batch=4, **data):
+    return build_config("tiny", overrides=cfg_for_overrides(out, batch, workers, **data))
 
 
 def collect(stream, epoch, skip=0):
@@ -118,7 +121,7 @@ def test_exact_once_per_epoch_across_two_ranks_and_two_workers(shards):
     assert counts == [N // 8, N // 8]  # every rank yields the same number of batches
     assert len(seen) == len(set(seen)) == (N // 8) * 8  # each sample at most once
     # The dropped remainder is the shuffled tail of each partition (here: of the 5 longer ones).
-    assert set(seen) == {x for p in expected_partitions(shards, 1, 8, 8) for x in p[:N // 8]}
+    assert set(seen) == {x for p in expected_partitions(shards, 1, 8, 32 // 8) for x in p[:N // 8]}
 
 
 def test_index_is_the_position_in_the_epoch_sequence(shards):
@@ -135,7 +138,7 @@ def test_each_stretch_of_the_sequence_mixes_several_sorted_shards(shards):
     owner = [i // 5 for i in seq]
     assert len(set(owner[:8])) == 8
     seen = [int(i) for b in collect(TwoViewStream(cfg_for(shards, shard_interleave=8)), 0) for i in b["label"]]
-    assert len({i // 5 for i in seen[:8]}) >= 4  # a shuffle chunk of 8 spans many shards
+    assert len({i // 5 for i in seen[:8]}) >= 4  # two batches of 4 partitions span many shards
 
 
 def test_shard_order_is_a_function_of_seed_and_epoch(shards):
@@ -244,9 +247,9 @@ def test_undecodable_sample_past_max_bad_fraction_is_a_data_error_naming_it(tmp_
 
 
 # ---------------------------------------------------------------- canonical partitions (issue 14)
-# P = 4 partitions of the 37 samples (10, 9, 9, 9), shuffle chunks of 4, micro-step global
-# batch GM = 8 (2 samples of each partition): 4 global micro-batches per epoch.
-PARTS = {"partitions": 4, "shuffle_buffer": 4}
+# P = 4 partitions of the 37 samples (10, 9, 9, 9), shuffle chunks of 16 / 4 = 4, micro-step
+# global batch GM = 8 (2 samples of each partition): 4 global micro-batches per epoch.
+PARTS = {"partitions": 4, "shuffle_buffer": 16}
 
 
 @pytest.mark.parametrize("world,batch,workers", [(1, 8, 0), (2, 4, 0), (4, 2, 0), (1, 8, 3), (2, 4, 2), (4, 2, 2)])
@@ -311,3 +314,27 @@ def test_resampled_mode_is_partitioned_like_exact_mode(shards):
     assert len({i for b in index for i in b}) == 32 and all(i // 8 == j // 2 for b in index for j, i in enumerate(b))
     # resumed on 2 ranks at position 16: the same last two global micro-batches
     assert global_batches(shards, 2, 4, 0, 0, start=16, **data) == one[2:]
+
+
+def test_many_partitions_per_process_fit_the_open_file_limit_or_say_what_to_change(shards, tmp_path):
+    # 32 partitions read by one process, each keeping its interleave group's 8 shards open: 256.
+    import resource
+    import subprocess
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    try:
+        TwoViewStream(cfg_for(shards, batch=32, partitions=32))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256 + 256  # raised to fit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # a hard limit below it: one line naming the limit and the fixes (in a process of its own)
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
+            "from simscale.config import build_config; from simscale.data.stream import TwoViewStream\n"
+            "from simscale.errors import DataError\n"
+            f"cfg = build_config('tiny', overrides={cfg_for_overrides(shards, 32, partitions=32)!r})\n"
+            "try: TwoViewStream(cfg)\nexcept DataError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "would keep 256 shards open, above the open-file limit 300: raise it (`ulimit -n 512`)" in out.stdout, \
+        out.stdout + out.stderr
