@@ -392,9 +392,10 @@ class TwoViewStream:
         per_rank = P // world_size
         self.num_workers = worker_count(per_rank, d.num_workers)
         if self.num_workers != d.num_workers and rank == 0:
-            _report("", f"#workers {P} {world_size} {d.num_workers}", f"data.num_workers={d.num_workers}: {self.num_workers} worker processes "
-                    f"per rank read its {per_rank} data partitions (data.partitions={P} over {world_size} "
-                    "ranks); a worker count that divides them uses more")
+            _report("", f"#workers {P} {world_size} {d.num_workers}",
+                    f"data.num_workers={d.num_workers}: {self.num_workers} worker processes per rank read its "
+                    f"{per_rank} data partitions (data.partitions={P} over {world_size} ranks); a worker count "
+                    "that divides them uses more")
         if d.mode == "epoch":
             if self.shards.counts is None:
                 raise DataError(f"exact-epoch mode needs per-shard sample counts but '{d.train}' has no "
