@@ -44,8 +44,12 @@ sequence, so any sample can be reproduced alone.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import os
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -114,14 +118,99 @@ def _report(url: str, key: str, text: str) -> None:
     Console(stderr=True).print(f"[yellow]{text}[/yellow]", highlight=False, soft_wrap=True)
 
 
+_offsets: dict[tuple, list[int]] = {}  # (path, size, mtime) -> byte offset of each sample, per process
+
+
+def _sample_offsets(f, url: str) -> list[int]:
+    """Where each sample of a local tar starts (its first member's header chain), from one pass over
+    the headers only (member data is seeked over), with webdataset's own member filter and
+    grouping, so that reading from offsets[k] yields exactly what a full read yields after k
+    samples. Cached per process: a shard is walked once however many partitions skip into it."""
+    st = os.fstat(f.fileno())
+    key = (url, st.st_size, st.st_mtime_ns)
+    if key not in _offsets:
+        try:
+            members = list(_ustar_members(f))
+        except _NotPlainUstar:  # pax or GNU long-name headers: let tarfile read them
+            f.seek(0)
+            members = list(_tarfile_members(f))
+
+        def kept():
+            for start, name, regular in members:
+                if not regular or re.match(r"__[^/]*__($|/)", name) or (
+                        "/" not in name and name.startswith("__") and name.endswith("__")):
+                    continue  # what tar_file_iterator drops
+                yield {"fname": name, "data": start, "__url__": url}
+
+        _offsets[key] = [min(v for k, v in s.items() if not k.startswith("__")) for s in group_by_keys(kept())]
+    return _offsets[key]
+
+
+class _NotPlainUstar(Exception):
+    pass
+
+
+def _ustar_members(f) -> Iterator[tuple[int, str, bool]]:
+    """(header offset, name, is a regular file) of each member of a plain ustar/GNU tar (what
+    `simscale prepare` and img2dataset write), reading 512-byte headers only and checking each
+    one's checksum; several times faster than tarfile's header parsing, which a partition's
+    skip would otherwise pay for every member it passes."""
+    while True:
+        start = f.tell()
+        buf = f.read(512)
+        if len(buf) < 512 or buf == bytes(512):
+            return
+        if int(buf[148:156].strip(b" \0") or b"0", 8) != sum(buf) - sum(buf[148:156]) + 8 * 32:
+            raise ValueError("bad tar header checksum")
+        kind = buf[156:157]
+        if kind in (b"x", b"g", b"L", b"K", b"S"):
+            raise _NotPlainUstar
+        name = buf[0:100].split(b"\0", 1)[0]
+        if buf[257:262] == b"ustar" and buf[345:500].strip(b"\0"):
+            name = buf[345:500].split(b"\0", 1)[0] + b"/" + name
+        size = int(buf[124:136].strip(b" \0") or b"0", 8)
+        yield start, name.decode("utf-8", "surrogateescape"), kind in (b"0", b"\0", b"7")
+        f.seek(start + 512 + (size + 511) // 512 * 512)
+
+
+def _tarfile_members(f) -> Iterator[tuple[int, str, bool]]:
+    tar = tarfile.open(fileobj=f, mode="r:")
+    while True:
+        start = tar.offset  # before the member's header chain (pax/GNU headers included)
+        info = tar.next()
+        if info is None:
+            return
+        yield start, info.name, info.isreg()
+
+
+def _seek_to_sample(f, url: str, skip: int) -> bool:
+    """Move a local tar file to its sample number `skip` without reading the data before it (a
+    partition that starts inside an interleave group would otherwise read the group's earlier
+    members in full). False (file back at 0) for a streamed URL (seeking would cost a request per
+    member) or anything unexpected: the caller then reads through the skipped samples."""
+    if not isinstance(getattr(f, "raw", None), io.FileIO):
+        return False
+    try:
+        offsets = _sample_offsets(f, url)
+        if skip < len(offsets):
+            f.seek(offsets[skip])
+            return True
+    except Exception:  # noqa: BLE001 - a damaged tar: fall back to reading through it
+        pass
+    f.seek(0)
+    return False
+
+
 def _read_shard(url: str, skip: int = 0) -> Iterator[dict]:
     """Samples of one tar in stored order, raw bytes only (no member is ever decoded here); the
-    first `skip` are read but not yielded. The tar is a local file or a URL streamed with retries
-    (remote.py; a store still failing after its retries is a DataError naming it). An unreadable
-    or truncated tar ends early: the caller counts what is missing (a damaged shard is data to
-    skip, not a crash)."""
+    first `skip` are not yielded (a local file seeks past them, a URL reads through them). The tar
+    is a local file or a URL streamed with retries (remote.py; a store still failing after its
+    retries is a DataError naming it). An unreadable or truncated tar ends early: the caller
+    counts what is missing (a damaged shard is data to skip, not a crash)."""
     try:
         with remote.open_shard(url) as f:
+            if skip and _seek_to_sample(f, url, skip):
+                skip = 0
             members = (dict(m, __url__=url) for m in tar_file_iterator(f))
             for n, sample in enumerate(group_by_keys(members)):
                 if n >= skip:

@@ -338,3 +338,46 @@ def test_many_partitions_per_process_fit_the_open_file_limit_or_say_what_to_chan
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "would keep 256 shards open, above the open-file limit 300: raise it (`ulimit -n 512`)" in out.stdout, \
         out.stdout + out.stderr
+
+
+def test_a_local_shard_seeks_past_skipped_samples_and_yields_the_same_ones(shards, monkeypatch):
+    # A partition starting inside an interleave group skips the group's earlier samples of each
+    # shard: on a local file by reading headers only, with the result of a full read.
+    import simscale.data.stream as st
+
+    url = str(shards / "shard-000001.tar")
+    full = list(st._read_shard(url))
+    read = []
+    plain = st.tar_file_iterator
+
+    def counting(f, *args, **kw):
+        for m in plain(f, *args, **kw):
+            read.append(m["fname"])
+            yield m
+    monkeypatch.setattr(st, "tar_file_iterator", counting)
+    assert len(full) == 5
+    for k in range(len(full)):
+        read.clear()
+        got = list(st._read_shard(url, skip=k))
+        assert [{x: v for x, v in g.items()} for g in got] == full[k:]
+        assert len(read) == sum(len([x for x in s if not x.startswith("__")]) for s in full[k:])  # no more read
+
+
+def test_skipping_into_a_shard_with_long_member_names_yields_the_same_samples(tmp_path):
+    # Names past ustar's 100 bytes get pax headers (the header walk then defers to tarfile).
+    import io
+    import tarfile
+
+    import simscale.data.stream as st
+
+    url = str(tmp_path / "long.tar")
+    with tarfile.open(url, "w", format=tarfile.PAX_FORMAT) as tf:
+        for k in range(4):
+            for ext, data in (("jpg", b"x" * (700 + k)), ("cls", str(k).encode())):
+                info = tarfile.TarInfo(f"{'d' * 120}/{k:04d}.{ext}" if k % 2 else f"{k:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    full = list(st._read_shard(url))
+    assert len(full) == 4
+    for k in range(4):
+        assert list(st._read_shard(url, skip=k)) == full[k:]
