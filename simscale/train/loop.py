@@ -143,6 +143,10 @@ class Trainer:
                         f"{self.schedule.total_steps} steps of global batch "
                         f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")
         self._resume(resume)
+        P = self.stream.partitions
+        self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
+                        f"{self.stream.num_workers} worker processes each); a resume fits any number of ranks "
+                        f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
 
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
