@@ -23,7 +23,8 @@ Exact-epoch mode ("epoch"), the default:
   at a collective; the tail of each partition that does not fill a part-batch is DROPPED.
 - Each DataLoader worker of a rank owns a fixed, equal, contiguous share of the rank's partitions
   (the worker count is the largest divisor of P/W not above data.num_workers), opens only the
-  shards overlapping them, skips (reads, never decodes) to its start, and yields, per micro-step,
+  shards overlapping them, skips to its start without decoding (a local tar seeks there from a
+  header-only pass; a URL reads through the skipped members), and yields, per micro-step,
   its partitions' slices concatenated; the DataLoader hands out items round-robin over workers,
   so concatenating one item of each worker in worker order is the rank's micro-batch: identical
   to num_workers=0.
