@@ -61,7 +61,12 @@ class DataConfig:
     mode: str = "epoch"  # "epoch": every sample once per epoch; "resampled": with replacement
     samples_per_epoch: int = 0  # resampled mode: epoch length (0: the manifest's total)
     num_workers: int = 4
-    shuffle_buffer: int = 1000
+    # The job's shuffle window: each of the data partitions shuffles in chunks of
+    # ceil(shuffle_buffer / partitions) samples, so the job buffers about this many raw samples.
+    shuffle_buffer: int = 16384
+    # Canonical partitions of the epoch's sample order (simscale/data/partitions.py): fixed for a
+    # run so its data position is world-size free; 0 = chosen at the fresh start and recorded.
+    partitions: int = 0
     # Exact-epoch mode: the samples of this many consecutive shards (of the epoch's random shard
     # order) alternate in the sample sequence, so every shuffle chunk mixes several shards.
     shard_interleave: int = 8
@@ -74,7 +79,7 @@ class DataConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     same_view: bool = False  # ablation switch: view B is view A's crop (and flip)
     # Unreadable samples (and the rest of a truncated shard) are replaced and counted; past this
-    # fraction of a worker's samples in an epoch the run stops: the data set needs `prepare`.
+    # fraction of a partition's samples in an epoch the run stops: the data set needs `prepare`.
     max_bad_fraction: float = 0.01
     mask: MaskConfig = field(default_factory=MaskConfig)
     # Shards behind a URL (http(s)://, s3://, gs://): see simscale/data/remote.py.
@@ -397,6 +402,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.predictor_depth": (0, None, True, False),
     "data.samples_per_epoch": (0, None, True, False), "data.num_workers": (0, None, True, False),
     "data.shuffle_buffer": (1, None, True, False), "data.max_bad_fraction": (0, 1, True, True),
+    "data.partitions": (0, None, True, False),
     "data.crop_scale": (0, 1, False, True), "data.crop_ratio": (0, None, False, False),
     "data.mask.ratio": (0, 1, False, False), "data.mask.min_block_patches": (1, None, True, False),
     "data.mask.min_aspect": (0, 1, False, True),

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from simscale.config import Config, resolve_lr, save_yaml, to_dict
-from simscale.errors import SimscaleError
+from simscale.data.partitions import auto_partitions, partition_problem
+from simscale.errors import CheckpointError, SimscaleError
 from simscale.train.checkpoint import Checkpointer, check_compatible, read_meta
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
@@ -36,7 +37,7 @@ class LoopState:
     """Everything besides DeepSpeed's own files that a resume needs, per rank."""
     step: int = 0  # optimizer steps attempted (applied or skipped)
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches this rank consumed in `epoch`
+    samples_in_epoch: int = 0  # data position: samples of `epoch`'s global order consumed (any world size)
     ema_pending: bool = False  # online weights moved since the last EMA update
     skipped: int = 0
     nonfinite_streak: int = 0
@@ -75,6 +76,11 @@ class Trainer:
 
         self.info = dist_info or init_distributed(cfg.run.collective_timeout_s)
         self.cfg, lr_msg = resolve_lr(cfg, self.info.world_size)
+        # data.partitions is fixed for the run (its data position counts in them): 0 resolves now,
+        # is saved with the config, and a resume takes the checkpoint's (_adopt_partitions).
+        self._partitions_asked = self.cfg.data.partitions
+        self.cfg.data.partitions = self._partitions_asked or auto_partitions(
+            self.info.world_size, self.cfg.optim.batch_size, self.cfg.data.num_workers)
         self.run_dir = Path(self.cfg.run.dir)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +145,10 @@ class Trainer:
                         f"{self.schedule.total_steps} steps of global batch "
                         f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")
         self._resume(resume)
+        P = self.stream.partitions
+        self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
+                        f"{self.stream.num_workers} worker processes each); a resume fits any number of ranks "
+                        f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
 
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
@@ -146,7 +156,9 @@ class Trainer:
         tag_dir = self.ckpt.find_resumable(resume)
         if tag_dir is None:
             return
-        check_compatible(read_meta(tag_dir)["config"], to_dict(self.cfg), tag_dir)
+        saved_cfg = read_meta(tag_dir)["config"]
+        check_compatible(saved_cfg, to_dict(self.cfg), tag_dir)
+        self._adopt_partitions(saved_cfg.get("data", {}).get("partitions", 0), tag_dir)
         saved = self.ckpt.load(self.engine, tag_dir)
         self.ema.load_state_dict(saved["ema"])
         defaults = dataclasses.asdict(LoopState())
@@ -163,8 +175,30 @@ class Trainer:
             raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
                                 "resume from another checkpoint") from None
         self.sink.drop_after(self.state.step)  # the steps about to be replayed are logged again
-        self.sink.print(f"resumed from {tag_dir} at step {self.state.step} "
-                        f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
+        self.sink.print(f"resumed from {tag_dir} at step {self.state.step} (epoch {self.state.epoch}, "
+                        f"sample {self.state.samples_in_epoch} of its global order)")
+
+    def _adopt_partitions(self, saved: int, tag_dir: Path) -> None:
+        """Continue in the data partitions the run started with (the data position counts in them);
+        the stream is rebuilt when this run's own choice differs."""
+        if not saved:
+            raise CheckpointError(f"checkpoint '{tag_dir}' keeps a per-rank data position (written before "
+                                  "data.partitions existed): this simscale cannot resume it; use a new run.dir")
+        if self._partitions_asked and self._partitions_asked != saved:
+            raise CheckpointError(f"checkpoint '{tag_dir}' was written with data.partitions={saved}, this run asks "
+                                  f"for {self._partitions_asked}: drop the override (0 keeps the recorded one) "
+                                  "or use a new run.dir")
+        if saved == self.stream.partitions:
+            return
+        problem = partition_problem(saved, self.info.world_size, self.cfg.optim.batch_size)
+        if problem:
+            raise CheckpointError(f"resuming '{tag_dir}': the run's recorded {problem}")
+        from simscale.data.stream import TwoViewStream
+
+        self.cfg.data.partitions = saved
+        self.stream = TwoViewStream(self.cfg, rank=self.info.rank, world_size=self.info.world_size)
+        if self.info.is_main:
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
 
     def save(self) -> Path:
         set_phase("checkpoint save")
@@ -178,11 +212,11 @@ class Trainer:
         """Micro-batches from the saved stream position on, across epoch boundaries."""
         s = self.state
         while True:
-            for batch in self.stream.batches(epoch=s.epoch, skip=s.micro_in_epoch):
-                s.micro_in_epoch += 1
+            for batch in self.stream.batches(epoch=s.epoch, start=s.samples_in_epoch):
+                s.samples_in_epoch += self.stream.global_batch
                 yield batch
             s.epoch += 1
-            s.micro_in_epoch = 0
+            s.samples_in_epoch = 0
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         from simscale.data.photometric import apply_photometric

@@ -85,17 +85,19 @@ def test_faults_mid_epoch_are_retried_and_every_sample_is_seen_once(root, http, 
     remote_batches = list(stream_for(f"{http.url}/out", workers).batches(epoch=1))
     assert http.dropped == [(tar, size // 2 + 100)]
     # The retry resumed at the offset reached: the range request cut by the drop (start s0 > 0)
-    # is asked again from s0, and (one reader per shard with 0 workers) nothing from byte 0.
+    # is asked again from s0, and (one reader per shard and data partition with 0 workers; the
+    # 4 partitions all overlap the one interleave group) nothing else from byte 0.
     drop = size // 2 + 100
     spans = [tuple(int(x) for x in r[6:].split("-")) for m, p, r in http.gets() if p == tar]
     hit = next(i for i, (a, b) in enumerate(spans) if a <= drop <= b)
     s0 = spans[hit][0]
     assert s0 > 0 and s0 in [a for a, _ in spans[hit + 1:]]
     if workers == 0:
-        assert [a for a, _ in spans].count(0) == 1
+        assert [a for a, _ in spans].count(0) <= 4
     assert_same(local, remote_batches)  # same samples, same views: the tar reader saw no gap
     seen = [int(i) for b in remote_batches for i in b["index"]]
-    assert sorted(seen) == list(range(N // 4 * 4))  # each epoch position exactly once
+    # each epoch position at most once; dropped: the tail of the longest data partition
+    assert len(seen) == len(set(seen)) == N // 4 * 4 and set(seen) <= set(range(N))
 
 
 def test_a_store_that_stays_down_is_one_line_after_the_last_retry(root, http):
@@ -124,7 +126,7 @@ def test_a_hung_connection_times_out_and_is_retried(root, http):
 
 def test_resampled_mode_and_resume_read_urls_like_local(root, http):
     def run(train, skip):
-        return list(TwoViewStream(cfg_for(train, 2, mode="resampled", samples_per_epoch=16)).batches(1, skip))
+        return list(TwoViewStream(cfg_for(train, 2, mode="resampled", samples_per_epoch=16)).batches(1, start=skip * 4))
     for skip in (0, 2):
         assert_same(run(root / "out", skip), run(f"{http.url}/out", skip))
 

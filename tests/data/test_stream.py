@@ -1,4 +1,6 @@
-"""The two-view stream: exact-once epochs across ranks x workers, equal batch counts, resume."""
+"""The two-view stream: exact-once epochs across ranks x workers, equal batch counts, resume;
+canonical partitions: the same global micro-batches on any world size / num_workers, and exactly
+once across a resize."""
 import json
 import shutil
 
@@ -10,8 +12,9 @@ import images
 from simscale.config import build_config
 from simscale.data.prepare import Options, prepare
 from simscale.data.shards import resolve_shards
+from simscale.data.partitions import auto_partitions, worker_count
 from simscale.data.stream import TwoViewStream, shard_order
-from simscale.errors import DataError
+from simscale.errors import ConfigError, DataError
 
 N = 37  # samples: 2 ranks x batch 4 -> 4 batches per rank per epoch, 5 samples dropped
 
@@ -43,15 +46,56 @@ def expected_sequence(shards, epoch, interleave=8, seed=3):
     return seq
 
 
-def cfg_for(out, workers=0, batch=4, **data):
+def expected_partitions(shards, epoch, partitions, chunk, seed=3, interleave=8):
+    """Written out independently of the stream: the epoch's sequence cut into `partitions` ranges
+    (the first N % P one longer), each shuffled in chunks of `chunk` with the permutation drawn
+    from (seed, epoch, 2, partition, chunk start); values are sample ids."""
+    seq = expected_sequence(shards, epoch, interleave, seed)
+    base, extra = divmod(len(seq), partitions)
+    out, start = [], 0
+    for p in range(partitions):
+        part = seq[start:start + base + (p < extra)]
+        start += len(part)
+        shuffled = []
+        for c in range(0, len(part), chunk):
+            block = part[c:c + chunk]
+            shuffled += [block[i] for i in np.random.default_rng([seed, epoch, 2, p, c]).permutation(len(block))]
+        out.append(shuffled)
+    return out
+
+
+def expected_global_batches(parts, global_batch, first=0):
+    """Global micro-batch g = for each partition in order, its slice [g*GM/P, (g+1)*GM/P)."""
+    q = global_batch // len(parts)
+    steps = min(len(p) for p in parts) // q
+    return [[x for p in parts for x in p[first + g * q:first + (g + 1) * q]] for g in range((steps * q - first) // q)]
+
+
+def cfg_for_overrides(out, batch=4, workers=0, **data):
     overrides = [f"data.train={out}", f"data.num_workers={workers}", f"optim.batch_size={batch}",
-                 "data.shuffle_buffer=8", "run.seed=3"]
-    overrides += [f"data.{k}={v}" for k, v in data.items()]
-    return build_config("tiny", overrides=overrides)
+                 "data.shuffle_buffer=32", "run.seed=3"]
+    return overrides + [f"data.{k}={v}" for k, v in data.items()]
+
+
+def cfg_for(out, workers=0, batch=4, **data):
+    return build_config("tiny", overrides=cfg_for_overrides(out, batch, workers, **data))
 
 
 def collect(stream, epoch, skip=0):
-    return list(stream.batches(epoch=epoch, skip=skip))
+    """Batches from `skip` micro-steps of this stream's global batch on."""
+    return list(stream.batches(epoch=epoch, start=skip * stream.global_batch))
+
+
+def global_batches(shards, world, batch, workers, epoch, start=0, **data):
+    """Every rank's micro-batches, concatenated in rank order: the global micro-batches (sample ids)."""
+    per_rank = [collect_from(TwoViewStream(cfg_for(shards, workers=workers, batch=batch, **data), rank=r,
+                                           world_size=world), epoch, start) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # every rank yields the same number of batches
+    return [[int(i) for b in step for i in b["label"]] for step in zip(*per_rank)]
+
+
+def collect_from(stream, epoch, start):
+    return list(stream.batches(epoch=epoch, start=start))
 
 
 def test_batch_fields_shapes_and_types(shards):
@@ -72,13 +116,12 @@ def test_exact_once_per_epoch_across_two_ranks_and_two_workers(shards):
         stream = TwoViewStream(cfg_for(shards, workers=2), rank=rank, world_size=2)
         batches = collect(stream, 1)
         counts.append(len(batches))
-        assert stream.batches_per_epoch == N // 8
+        assert stream.batches_per_epoch == N // 8 and stream.partitions == 8  # auto: GM 8, 2 ranks x 2 workers
         seen += [int(i) for b in batches for i in b["label"]]
     assert counts == [N // 8, N // 8]  # every rank yields the same number of batches
     assert len(seen) == len(set(seen)) == (N // 8) * 8  # each sample at most once
-    # The dropped remainder is the tail of the epoch's permuted, interleaved global order.
-    seq = expected_sequence(shards, epoch=1)
-    assert set(seen) == set(seq[: (N // 8) * 8])
+    # The dropped remainder is the shuffled tail of each partition (here: of the 5 longer ones).
+    assert set(seen) == {x for p in expected_partitions(shards, 1, 8, 32 // 8) for x in p[:N // 8]}
 
 
 def test_index_is_the_position_in_the_epoch_sequence(shards):
@@ -95,7 +138,7 @@ def test_each_stretch_of_the_sequence_mixes_several_sorted_shards(shards):
     owner = [i // 5 for i in seq]
     assert len(set(owner[:8])) == 8
     seen = [int(i) for b in collect(TwoViewStream(cfg_for(shards, shard_interleave=8)), 0) for i in b["label"]]
-    assert len({i // 5 for i in seen[:8]}) >= 4  # a shuffle chunk of 8 spans many shards
+    assert len({i // 5 for i in seen[:8]}) >= 4  # two batches of 4 partitions span many shards
 
 
 def test_shard_order_is_a_function_of_seed_and_epoch(shards):
@@ -166,21 +209,24 @@ def test_exact_mode_without_counts_is_a_clear_error(shards, tmp_path):
         TwoViewStream(cfg_for(shards, batch=64))
 
 
-def test_fewer_shards_than_slots_still_covers_each_sample_once(shards, tmp_path):
-    # One shard, 2 ranks x 2 workers = 4 slots: each slot skips to its own range of that shard.
+def test_fewer_shards_than_partitions_still_covers_each_sample_once(shards, tmp_path, capsys):
+    # One shard, 2 ranks x batch 3: 6 partitions, each rank's 3 read by one worker (2 do not divide
+    # 3: said once); each partition skips to its own range of that shard.
     lst = tmp_path / "list.txt"
     lst.write_text("".join(f"{p} {k}\n" for k, p in enumerate(sorted((shards.parent / "img").glob("*.jpg")))))
     prepare([str(lst)], tmp_path / "one", Options(shard_size=1000, shuffle=False), workers=1, progress=False)
     assert len(resolve_shards(str(tmp_path / "one")).urls) == 1
     seen, counts = [], []
     for rank in range(2):
-        batches = collect(TwoViewStream(cfg_for(tmp_path / "one", workers=2, batch=3), rank=rank,
-                                        world_size=2), 0)
+        stream = TwoViewStream(cfg_for(tmp_path / "one", workers=2, batch=3), rank=rank, world_size=2)
+        assert (stream.partitions, stream.num_workers) == (6, 1)
+        batches = collect(stream, 0)
         counts.append(len(batches))
         seen += [int(i) for b in batches for i in b["label"]]
     assert counts == [N // 6] * 2
     assert len(seen) == len(set(seen)) == (N // 6) * 6
-    assert set(seen) == set(range((N // 6) * 6))  # one shard: the dropped remainder is its tail
+    assert set(seen) <= set(range(N))
+    assert capsys.readouterr().err.count("data.num_workers=2: 1 worker processes") == 1
 
 
 def test_undecodable_sample_past_max_bad_fraction_is_a_data_error_naming_it(tmp_path):
@@ -198,3 +244,140 @@ def test_undecodable_sample_past_max_bad_fraction_is_a_data_error_naming_it(tmp_
         collect(TwoViewStream(cfg_for(tmp_path, batch=4, shuffle_buffer=4, max_bad_fraction=0)), 0)
     # by default one bad sample is a named skip with a stand-in (tests/data/test_bad_samples.py)
     assert len(collect(TwoViewStream(cfg_for(tmp_path, batch=4, shuffle_buffer=4)), 0)) == 1
+
+
+# ---------------------------------------------------------------- canonical partitions (issue 14)
+# P = 4 partitions of the 37 samples (10, 9, 9, 9), shuffle chunks of 16 / 4 = 4, micro-step
+# global batch GM = 8 (2 samples of each partition): 4 global micro-batches per epoch.
+PARTS = {"partitions": 4, "shuffle_buffer": 16}
+
+
+@pytest.mark.parametrize("world,batch,workers", [(1, 8, 0), (2, 4, 0), (4, 2, 0), (1, 8, 3), (2, 4, 2), (4, 2, 2)])
+def test_global_micro_batches_are_the_same_on_any_world_size_and_worker_count(shards, world, batch, workers):
+    for epoch in (0, 1):
+        want = expected_global_batches(expected_partitions(shards, epoch, 4, 4), 8)
+        assert len(want) == N // 8
+        assert global_batches(shards, world, batch, workers, epoch, **PARTS) == want  # same samples, same order
+
+
+@pytest.mark.parametrize("before,after", [((2, 4, 2), (1, 8, 0)), ((1, 8, 0), (2, 4, 1)),  # same GM
+                                          ((2, 4, 2), (1, 4, 0)), ((1, 8, 0), (2, 2, 1))])  # GM 8 -> 4
+def test_a_resize_mid_epoch_sees_every_sample_of_the_epoch_exactly_once(shards, before, after):
+    epoch, k = 1, 2  # k micro-steps before the resize: data position k * 8 samples
+    first = global_batches(shards, *before, epoch, **PARTS)[:k]
+    rest = global_batches(shards, *after, epoch, start=k * 8, **PARTS)
+    gm = after[0] * after[1]
+    parts = expected_partitions(shards, epoch, 4, 4)
+    assert rest == expected_global_batches(parts, gm, first=k * 2)  # each partition continues at k*8/4
+    seen = [x for b in first + rest for x in b]
+    assert len(seen) == len(set(seen))  # no sample twice
+    # every sample of the epoch except each partition's tail that fills no part-batch of the new GM
+    usable = min(len(p) for p in parts) // (gm // 4) * (gm // 4)
+    assert set(seen) == {x for p in parts for x in p[:usable]} and len(seen) == 4 * usable
+    assert len(seen) >= N - 4 * (gm // 4)
+
+
+def test_partitions_that_do_not_fit_the_world_or_batch_are_one_line_errors(shards):
+    with pytest.raises(ConfigError, match=r"data.partitions=3 does not divide .* multiple of 3 ") as err:
+        TwoViewStream(cfg_for(shards, batch=8, partitions=3))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"data.partitions=4 is not a multiple of the world size 8: .*1, 2, 4\)"):
+        TwoViewStream(cfg_for(shards, batch=1, partitions=4), rank=0, world_size=8)
+    with pytest.raises(DataError, match="data position 6 .* 4 partitions"):
+        collect_from(TwoViewStream(cfg_for(shards, batch=8, partitions=4)), 0, 6)
+
+
+def test_auto_partitions_follow_the_documented_rule():
+    # The lead's rule wherever it applies: the largest divisor of GM that is a multiple of
+    # W x max(1, workers) and <= max(256, W x max(1, workers)).
+    for world in range(1, 9):
+        for batch in range(1, 65):
+            for workers in range(0, 5):
+                gm, step = world * batch, world * max(1, workers)
+                fits = [d for d in range(step, max(256, step) + 1, step) if gm % d == 0]
+                p = auto_partitions(world, batch, workers)
+                assert gm % p == 0 and p % world == 0
+                if fits:
+                    assert p == max(fits)
+    assert auto_partitions(8, 256, 4) == 256 and auto_partitions(64, 64, 8) == 512
+    # No multiple of W x workers divides GM: the most workers first (2 of 3 here), then the largest P.
+    assert auto_partitions(2, 1000, 3) == 200 and worker_count(100, 3) == 2
+    assert worker_count(4, 0) == 0 and worker_count(4, 3) == 2 and worker_count(7, 4) == 1
+
+
+def test_resampled_mode_is_partitioned_like_exact_mode(shards):
+    data = dict(mode="resampled", samples_per_epoch=32, **PARTS)
+    one = global_batches(shards, 1, 8, 0, 0, **data)
+    assert len(one) == 4 and global_batches(shards, 2, 4, 1, 0, **data) == one
+    s = TwoViewStream(cfg_for(shards, batch=8, **data))
+    index = [[int(i) for i in b["index"]] for b in collect(s, 0)]
+    assert len({i for b in index for i in b}) == 32 and all(i // 8 == j // 2 for b in index for j, i in enumerate(b))
+    # resumed on 2 ranks at position 16: the same last two global micro-batches
+    assert global_batches(shards, 2, 4, 0, 0, start=16, **data) == one[2:]
+
+
+def test_many_partitions_per_process_fit_the_open_file_limit_or_say_what_to_change(shards, tmp_path):
+    # 32 partitions read by one process, each keeping its interleave group's 8 shards open: 256.
+    import resource
+    import subprocess
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    try:
+        TwoViewStream(cfg_for(shards, batch=32, partitions=32))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256 + 256  # raised to fit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # a hard limit below it: one line naming the limit and the fixes (in a process of its own)
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
+            "from simscale.config import build_config; from simscale.data.stream import TwoViewStream\n"
+            "from simscale.errors import DataError\n"
+            f"cfg = build_config('tiny', overrides={cfg_for_overrides(shards, 32, partitions=32)!r})\n"
+            "try: TwoViewStream(cfg)\nexcept DataError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "would keep 256 shards open, above the open-file limit 300: raise it (`ulimit -n 512`)" in out.stdout, \
+        out.stdout + out.stderr
+
+
+def test_a_local_shard_seeks_past_skipped_samples_and_yields_the_same_ones(shards, monkeypatch):
+    # A partition starting inside an interleave group skips the group's earlier samples of each
+    # shard: on a local file by reading headers only, with the result of a full read.
+    import simscale.data.stream as st
+
+    url = str(shards / "shard-000001.tar")
+    full = list(st._read_shard(url))
+    read = []
+    plain = st.tar_file_iterator
+
+    def counting(f, *args, **kw):
+        for m in plain(f, *args, **kw):
+            read.append(m["fname"])
+            yield m
+    monkeypatch.setattr(st, "tar_file_iterator", counting)
+    assert len(full) == 5
+    for k in range(len(full)):
+        read.clear()
+        got = list(st._read_shard(url, skip=k))
+        assert [{x: v for x, v in g.items()} for g in got] == full[k:]
+        assert len(read) == sum(len([x for x in s if not x.startswith("__")]) for s in full[k:])  # no more read
+
+
+def test_skipping_into_a_shard_with_long_member_names_yields_the_same_samples(tmp_path):
+    # Names past ustar's 100 bytes get pax headers (the header walk then defers to tarfile).
+    import io
+    import tarfile
+
+    import simscale.data.stream as st
+
+    url = str(tmp_path / "long.tar")
+    with tarfile.open(url, "w", format=tarfile.PAX_FORMAT) as tf:
+        for k in range(4):
+            for ext, data in (("jpg", b"x" * (700 + k)), ("cls", str(k).encode())):
+                info = tarfile.TarInfo(f"{'d' * 120}/{k:04d}.{ext}" if k % 2 else f"{k:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    full = list(st._read_shard(url))
+    assert len(full) == 4
+    for k in range(4):
+        assert list(st._read_shard(url, skip=k)) == full[k:]

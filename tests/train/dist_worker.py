@@ -150,7 +150,7 @@ if __name__ == "__main__":
     results["seed"] = seed_check(shards, out)
     accum = make(shards, out, "accum", "optim.grad_accum=2", "optim.max_steps=2")
     state = accum.fit()
-    results["accum"] = {"losses": state.losses, "micro_in_epoch": state.micro_in_epoch,
+    results["accum"] = {"losses": state.losses, "samples_in_epoch": state.samples_in_epoch,
                         "global_steps": accum.engine.global_steps}
     results["window"] = window_check(shards, out)
     # The online k-NN monitor under ZeRO-3: every rank takes part in every forward (no hang) and
