@@ -38,6 +38,15 @@ _WRITER = re.compile(r"(?:pp_rank_|simscale_rank)0*(\d+)")  # DeepSpeed's and ou
 console = Console(stderr=True)
 
 
+def universal_client_state() -> dict[str, Any]:
+    """The client-state key DeepSpeed's `ds_to_universal` requires (else it asks for
+    --inject_missing_state): no tensor or pipeline parallelism to describe, only the format version."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -200,7 +209,8 @@ class Checkpointer:
             raise self._write_error(exc, tag_dir) from None
         dist.barrier()
         try:
-            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            # universal_checkpoint_info: what `ds_to_universal` needs to convert without extra flags
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False, client_state=universal_client_state())
             save_rank_state(tag_dir, self.rank, state)
         except (OSError, RuntimeError) as exc:
             # This rank stops with one line; the launcher ends the others. The partial directory
@@ -268,15 +278,3 @@ class Checkpointer:
                                   "delete it to resume from the previous one")
         return load_rank_state(tag_dir, self.rank)
 
-
-def check_compatible(saved_cfg: dict[str, Any], cfg: dict[str, Any], tag_dir: Path) -> None:
-    """Refuse a checkpoint whose model or sharding differs from this run's, naming the key."""
-    for section, keys in (("model", None), ("deepspeed", ("zero_stage", "precision")),
-                          ("loss", None), ("data", ("same_view",))):
-        old, new = saved_cfg.get(section, {}), cfg.get(section, {})
-        for key in keys or sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                raise CheckpointError(
-                    f"checkpoint '{tag_dir}' was written with {section}.{key}={old.get(key)!r}, this run "
-                    f"has {new.get(key)!r}: resume with the same setting or use a new run.dir"
-                )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,13 @@ import torch.distributed as dist
 
 from simscale.config import Config, resolve_lr, save_yaml, to_dict
 from simscale.errors import SimscaleError
-from simscale.train.checkpoint import Checkpointer, check_compatible, read_meta
+from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
+from simscale.train import universal
 from simscale.train.ema import ShardedEMA
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
+from simscale.train.resume import fingerprint_changes, global_batch_of, peek, rank_seed
 from simscale.train.schedules import Schedule
 from simscale.train.zero import full_shape
 
@@ -78,6 +81,10 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.run_dir / "config.yaml")
+        self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
+        # Before the engine: resuming on another world size changes the DeepSpeed config.
+        self.plan = peek(self.ckpt, resume, self.info.world_size)
+        self.load_dir = self._prepare_resume()
         seed = self.cfg.run.seed
         random.seed(seed)
         np.random.seed(seed)
@@ -99,6 +106,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (loss, fp32 runs) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         self.ds_config = build_ds_config(self.cfg, self.info.world_size, on_cpu)
+        if self.plan is not None and self.plan.universal:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         dtype = torch.bfloat16 if self.cfg.deepspeed.precision == "bf16" else torch.float32
         self.dtype = dtype
         if self.cfg.deepspeed.zero_stage == 3:
@@ -123,7 +132,6 @@ class Trainer:
         self.peak = device_peak_flops()
         self.state = LoopState()
         self._unread: list[torch.Tensor] = []  # per-step mean losses (device) not yet in state.losses
-        self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                                 self.schedule.total_steps, live=live_progress)
         self.knn = None
@@ -136,16 +144,43 @@ class Trainer:
                         f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
                         f"{self.schedule.total_steps} steps of global batch "
                         f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")
-        self._resume(resume)
+        self._resume()
 
     # -- resume -----------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
-        tag_dir = self.ckpt.find_resumable(resume)
-        if tag_dir is None:
+    def _prepare_resume(self) -> Path | None:
+        """The fingerprint check, and on a world-size change the universal folder (converted once
+        by rank 0) that DeepSpeed will load; None when nothing is resumed."""
+        plan = self.plan
+        if plan is None:
+            return None
+        saved_cfg = plan.meta["config"]
+        self._changes = fingerprint_changes(saved_cfg, to_dict(self.cfg), plan.meta["world_size"],
+                                            self.info.world_size, plan.tag_dir)
+        old_gb = global_batch_of(saved_cfg, plan.meta["world_size"])
+        new_gb = global_batch_of(to_dict(self.cfg), self.info.world_size)
+        if old_gb != new_gb or saved_cfg["optim"].get("lr") != self.cfg.optim.lr:
+            self._changes.append(f"global batch {old_gb} -> {new_gb}, lr {saved_cfg['optim'].get('lr', 0):.3e} -> "
+                                 f"{self.cfg.optim.lr:.3e} (the lr rule re-applied)")
+        if not plan.universal or universal.is_universal(plan.meta):
+            return plan.tag_dir
+        if self.info.is_main:
+            print(f"simscale: {plan.tag_dir.name} was written by {plan.meta['world_size']} ranks, this run has "
+                  f"{self.info.world_size}: converting it to DeepSpeed's universal checkpoint in "
+                  f"{universal.universal_dir(self.run_dir, plan.tag_dir)} (reused if already there)", file=sys.stderr,
+                  flush=True)
+        return universal.prepare(plan.tag_dir, self.run_dir, self.info.rank)
+
+    def _resume(self) -> None:
+        if self.plan is None:
             return
-        check_compatible(read_meta(tag_dir)["config"], to_dict(self.cfg), tag_dir)
-        saved = self.ckpt.load(self.engine, tag_dir)
-        self.ema.load_state_dict(saved["ema"])
+        tag_dir = self.plan.tag_dir
+        if self.plan.universal:
+            universal.load_engine(self.engine, self.load_dir)
+            saved = universal.load_state(self.load_dir)
+            self.ema.load_full(saved["ema"], self.info.rank)
+        else:
+            saved = self.ckpt.load(self.engine, tag_dir)
+            self.ema.load_state_dict(saved["ema"])
         defaults = dataclasses.asdict(LoopState())
         loop = {k: v for k, v in saved["loop"].items() if k in defaults}
         wrong = [k for k, v in loop.items() if type(v) is not type(defaults[k]) and
@@ -154,11 +189,23 @@ class Trainer:
             raise SimscaleError(f"loop state in '{tag_dir}' has a wrong type for '{wrong[0]}': "
                                 "resume from another checkpoint")
         self.state = LoopState(**loop)
-        try:
-            _set_rng(saved["rng"])
-        except (ValueError, TypeError, RuntimeError, IndexError) as exc:
-            raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
-                                "resume from another checkpoint") from None
+        if self.plan.universal:
+            # Per-rank state of another world has no rank-to-rank mapping: every rank continues from
+            # rank 0's loop state, and model-side randomness is re-seeded per (seed, step, rank).
+            seed = rank_seed(self.cfg.run.seed, self.state.step, self.info.rank)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            self._changes.append("every rank continues from rank 0's loop state (step, epoch, data position); "
+                                 "model RNG re-seeded from (run.seed, step, rank)")
+        else:
+            try:
+                _set_rng(saved["rng"])
+            except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+                raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
+                                    "resume from another checkpoint") from None
+        if self._changes:
+            self.sink.print(f"resume changes: {'; '.join(self._changes)}")
         self.sink.drop_after(self.state.step)  # the steps about to be replayed are logged again
         self.sink.print(f"resumed from {tag_dir} at step {self.state.step} "
                         f"(epoch {self.state.epoch}, micro-batch {self.state.micro_in_epoch})")
