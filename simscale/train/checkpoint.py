@@ -33,6 +33,7 @@ from simscale.train.weights_only import weights_only_loads
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+SOURCE_KEY = "simscale_checkpoint"  # in DeepSpeed's model states: the run dir and tag that wrote them
 _TAG = re.compile(r"^step_(\d{8})$")
 _WRITER = re.compile(r"(?:pp_rank_|simscale_rank)0*(\d+)")  # DeepSpeed's and our per-rank file names
 console = Console(stderr=True)
@@ -210,7 +211,10 @@ class Checkpointer:
         dist.barrier()
         try:
             # universal_checkpoint_info: what `ds_to_universal` needs to convert without extra flags
-            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False, client_state=universal_client_state())
+            # and where it came from: `ds_to_universal` copies this file, so its output leads back here
+            source = {SOURCE_KEY: {"run_dir": str(self.root.parent.resolve()), "tag": tag}}
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
+                                   client_state={**universal_client_state(), **source})
             save_rank_state(tag_dir, self.rank, state)
         except (OSError, RuntimeError) as exc:
             # This rank stops with one line; the launcher ends the others. The partial directory

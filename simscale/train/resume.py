@@ -8,6 +8,7 @@ accumulation, loader workers) may change and is reported.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,17 @@ class ResumePlan:
 def peek(ckpt, resume: str, world_size: int) -> ResumePlan | None:
     """Choose the checkpoint (`ckpt.find_resumable`) and read its meta; None for a fresh start."""
     from simscale.train.checkpoint import read_meta
-    from simscale.train.universal import is_universal
+    from simscale.train.universal import is_universal, source_of
 
+    if resume not in ("auto", "none") and Path(resume).is_dir():
+        # A universal folder from `ds_to_universal` lacks simscale's state: resume from its (verified)
+        # source, which is converted again here when the world size differs.
+        source = source_of(Path(resume))
+        if source is not None:
+            if ckpt.rank == 0:
+                print(f"simscale: '{resume}' is DeepSpeed's universal form of {source} (same model states); "
+                      "resuming from that checkpoint, which holds simscale's state", file=sys.stderr, flush=True)
+            resume = str(source)
     tag_dir = ckpt.find_resumable(resume)
     if tag_dir is None:
         return None

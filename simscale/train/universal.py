@@ -11,7 +11,7 @@ ranks, rank 0 converts it once into
         COMPLETE                        as for any checkpoint (step, world_size of the source, config,
                                         every file's size and sha256) plus a "universal" entry
 built in a hidden folder and renamed into place, so it exists only when finished. A later
-resume reuses it when its source's COMPLETE is unchanged. DeepSpeed loads it with
+resume reuses it when its source's COMPLETE is unchanged; only the newest conversion is kept. DeepSpeed loads it with
 `"checkpoint": {"load_universal": true}` (set before `deepspeed.initialize`) and re-partitions
 weights and Adam moments for the new world; `ShardedEMA.load_full` re-slices the target.
 Such a folder is itself resumable (`--resume RUN_DIR/universal/step_...`) on any world size.
@@ -105,6 +105,9 @@ def prepare(tag_dir: Path, run_dir: Path, rank: int) -> Path:
         try:
             if not _reusable(out, file_digest(tag_dir / COMPLETE)):
                 convert(tag_dir, out)
+            for old in out.parent.iterdir():  # older conversions are dead once this one exists
+                if old.is_dir() and old != out and old.name.startswith(("step_", ".step_")):
+                    shutil.rmtree(old, ignore_errors=True)
         except CheckpointError as exc:
             problem = str(exc)
         except Exception as exc:  # noqa: BLE001 - a damaged source, a full disk: named, never a trace
@@ -149,6 +152,10 @@ def load_engine(engine, udir: Path) -> None:
     with `load_universal`), then the module's buffers (BatchNorm statistics), which DeepSpeed's
     universal path leaves at their init. Frozen parameters need nothing: the EMA target is
     restored from simscale's state, and a frozen online patch embedding never left its init."""
+    from deepspeed.utils import logger as ds_logger
+
+    level = ds_logger.level
+    ds_logger.setLevel("ERROR")  # its universal path warns "MPU is not provided" on every load: no TP here
     try:
         with weights_only_loads():
             path, _ = engine.load_checkpoint(str(udir.parent), tag=udir.name, load_optimizer_states=True,
@@ -160,6 +167,8 @@ def load_engine(engine, udir: Path) -> None:
         raise CheckpointError(f"DeepSpeed could not load the universal checkpoint '{udir}' ({type(exc).__name__}: "
                               f"{str(exc)[:160]}); delete it to convert again, or resume on the number of "
                               "ranks that wrote the checkpoint") from None
+    finally:
+        ds_logger.setLevel(level)
     if path is None:
         raise CheckpointError(f"DeepSpeed found nothing to load in '{udir}': delete it to convert again")
     own = dict(engine.module.named_buffers())
@@ -167,3 +176,38 @@ def load_engine(engine, udir: Path) -> None:
     with torch.no_grad():
         for k, v in buffers.items():
             own[k].copy_(v.to(own[k].device, own[k].dtype))
+
+
+def source_of(folder: Path) -> Path | None:
+    """For a DeepSpeed universal folder a user made with `ds_to_universal` from a simscale checkpoint
+    (no COMPLETE, no simscale state: DeepSpeed copies only its own files): the checkpoint it was
+    made from, after checking that its model states files are byte-identical copies of that
+    checkpoint's. None for anything else (a simscale checkpoint, or not a universal folder)."""
+    from simscale.train.checkpoint import SOURCE_KEY
+
+    if (folder / COMPLETE).exists() or not (folder / "zero" / "optimizer_state.pt").is_file():
+        return None
+    first = _model_states_file(folder)
+    try:
+        with weights_only_loads():
+            recorded = torch.load(first, map_location="cpu").get(SOURCE_KEY)
+        source = Path(recorded["run_dir"]) / "checkpoints" / recorded["tag"]
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - any unreadable or foreign file: not one of ours
+        raise CheckpointError(f"'{folder}' is a DeepSpeed universal checkpoint that no simscale run wrote "
+                              "(its model states name no simscale checkpoint): resume from a simscale step_* "
+                              "directory") from None
+    problem = verify(source) if source.is_dir() else "it no longer exists"
+    if problem is None:
+        listed = read_meta(source)["files"]
+        for f in sorted(folder.glob("*model_states.pt")):
+            entry = listed.get(f.name)
+            if entry is None or file_digest(f) != entry.get(ALGORITHM):
+                problem = f"'{f.name}' differs from the one in it"
+                break
+    if problem:
+        raise CheckpointError(f"'{folder}' is a DeepSpeed universal checkpoint of '{source}', which cannot be used "
+                              f"({problem}); simscale's state (EMA target, step) lives only there: resume from "
+                              "an intact step_* directory")
+    return source
