@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N -m tests.train.elastic_worker SHARDS OUT PHASE [PHASE ...]
 PHASE `train`: per ZeRO stage (2, 3), a run `wN_zS` of STEPS steps at global batch GLOBAL, saved
-every KILL steps. PHASE `resume:F`: per stage, a new run `wFtoN_zS` resumed from `wF_zS`'s step
+every KILL steps (on 1 rank as 2 accumulated micro-batches). PHASE `resume:F`: per stage, a new run `wFtoN_zS` resumed from `wF_zS`'s step
 KILL on this world size (same global batch): saved at once (the state just loaded, compared by
 the test with the one it came from), then trained to STEPS. Also on resume: a model key change
 must be refused. Everything else goes to stdout/stderr and the run directories.
@@ -34,8 +34,10 @@ def make(shards: str, run_dir: Path, stage: int, resume: str, *over: str) -> Tra
 
 
 def train(shards: str, out: Path) -> None:
+    # one rank: the same global batch as 4 micro-batches x 2 accumulated, so 1 -> 2 changes grad_accum too
+    over = ["optim.batch_size=4", "optim.grad_accum=2"] if INFO.world_size == 1 else []
     for stage in STAGES:
-        make(shards, out / f"w{INFO.world_size}_z{stage}", stage, "none").fit()
+        make(shards, out / f"w{INFO.world_size}_z{stage}", stage, "none", *over).fit()
 
 
 def resume(shards: str, out: Path, source_world: int) -> None:

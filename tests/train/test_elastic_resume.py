@@ -97,7 +97,10 @@ def test_resume_on_another_world_keeps_weights_moments_and_ema(runs, stage, move
     assert all(math.isfinite(r["loss"]) for r in steps)
     log = logs["w1" if dst_world == 1 else "w1to2"]
     assert f"resume changes: world size {src_world} -> {dst_world}" in log
-    assert f"optim.batch_size {8 // src_world} -> {8 // dst_world}" in log
+    if dst_world == 1:
+        assert "optim.batch_size 4 -> 8" in log
+    else:
+        assert "optim.grad_accum 2 -> 1" in log
 
 
 @pytest.mark.parametrize("src_world", [2, 1])
@@ -131,15 +134,18 @@ def test_universal_folders_resume_on_one_process(runs, train_shards, tmp_path):
     source = out / "w2_z2" / "checkpoints" / tag_for(KILL)
     bare = ds_to_universal(source, tmp_path / "bare" / source.name)
     ours = out / "w2to1_z2" / "universal" / source.name
-    for name, folder in (("from_ours", ours), ("from_bare", bare)):
+    for name, folder, batch in (("from_ours", ours, 8), ("from_bare", bare, 4)):
         proc = simscale_cli(["train", "--preset", "tiny", "--resume", str(folder), f"data.train={train_shards}",
-                             "data.num_workers=0", "optim.batch_size=8", f"optim.max_steps={KILL + 1}", "log.every=1",
+                             "data.num_workers=0", f"optim.batch_size={batch}", f"optim.max_steps={KILL + 1}",
+                             "log.every=1",
                              "log.tensorboard=false", "model.drop_path=0", "optim.base_lr=2e-3",
                              f"run.dir={tmp_path / name}"])
         assert proc.returncode == 0, tail(proc)
         assert [r["step"] for r in metrics(tmp_path / name) if "loss" in r] == [KILL + 1]
-        if name == "from_bare":
-            assert f"is DeepSpeed's universal form of {source}" in proc.stderr.replace("\n", "")
+        if name == "from_bare":  # global batch 8 -> 4: the lr rule is applied again, and said so
+            err = proc.stderr.replace("\n", "")
+            assert f"is DeepSpeed's universal form of {source}" in err
+            assert "global batch 8 -> 4, lr 6.250e-05 -> 3.125e-05 (the lr rule re-applied)" in err
 
     # a model states file that is not the source's: refused in one line, naming the folder
     victim = next(bare.glob("*model_states.pt"))
