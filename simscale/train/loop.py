@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 from simscale.config import Config, resolve_lr, save_yaml, to_dict
 from simscale.errors import SimscaleError
+from simscale.train import universal
 from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
-from simscale.train import universal
 from simscale.train.ema import ShardedEMA
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.resume import fingerprint_changes, global_batch_of, peek, rank_seed
@@ -77,6 +77,7 @@ class Trainer:
 
         self.info = dist_info or init_distributed()
         self.cfg, lr_msg = resolve_lr(cfg, self.info.world_size)
+        self._lr_rule = cfg.optim.lr <= 0  # an explicit optim.lr is never scaled, also not on resume
         self.run_dir = Path(self.cfg.run.dir)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +160,9 @@ class Trainer:
         old_gb = global_batch_of(saved_cfg, plan.meta["world_size"])
         new_gb = global_batch_of(to_dict(self.cfg), self.info.world_size)
         if old_gb != new_gb or saved_cfg["optim"].get("lr") != self.cfg.optim.lr:
+            how = "the lr rule re-applied" if self._lr_rule else "optim.lr set explicitly, not scaled"
             self._changes.append(f"global batch {old_gb} -> {new_gb}, lr {saved_cfg['optim'].get('lr', 0):.3e} -> "
-                                 f"{self.cfg.optim.lr:.3e} (the lr rule re-applied)")
+                                 f"{self.cfg.optim.lr:.3e} ({how})")
         if not plan.universal or universal.is_universal(plan.meta):
             return plan.tag_dir
         if self.info.is_main:
