@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,11 +164,6 @@ class Trainer:
                                  f"{self.cfg.optim.lr:.3e} ({how})")
         if not plan.universal or universal.is_universal(plan.meta):
             return plan.tag_dir
-        if self.info.is_main:
-            print(f"simscale: {plan.tag_dir.name} was written by {plan.meta['world_size']} ranks, this run has "
-                  f"{self.info.world_size}: converting it to DeepSpeed's universal checkpoint in "
-                  f"{universal.universal_dir(self.run_dir, plan.tag_dir)} (reused if already there)", file=sys.stderr,
-                  flush=True)
         return universal.prepare(plan.tag_dir, self.run_dir, self.info.rank)
 
     def _resume(self) -> None:

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,14 @@ def prepare(tag_dir: Path, run_dir: Path, rank: int) -> Path:
     problem = None
     if rank == 0:
         try:
-            if not _reusable(out, file_digest(tag_dir / COMPLETE)):
+            world = read_meta(tag_dir)["world_size"]
+            if _reusable(out, file_digest(tag_dir / COMPLETE)):
+                print(f"simscale: {tag_dir.name} was written by {world} ranks: using its universal form in {out}",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"simscale: {tag_dir.name} was written by {world} ranks: converting it to DeepSpeed's "
+                      f"universal checkpoint in {out} (once, then reused)", file=sys.stderr,
+                      flush=True)
                 convert(tag_dir, out)
             for old in out.parent.iterdir():  # older conversions are dead once this one exists
                 if old.is_dir() and old != out and old.name.startswith(("step_", ".step_")):

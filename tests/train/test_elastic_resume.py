@@ -98,6 +98,7 @@ def test_resume_on_another_world_keeps_weights_moments_and_ema(runs, stage, move
     assert all(math.isfinite(r["loss"]) for r in steps)
     log = logs["w1" if dst_world == 1 else "w1to2"]
     assert f"resume changes: world size {src_world} -> {dst_world}" in log
+    assert f"{source.name} was written by {src_world} ranks: converting it to DeepSpeed's universal" in log
     if dst_world == 1:
         assert "optim.batch_size 4 -> 8" in log
     else:
@@ -156,9 +157,10 @@ def test_universal_folders_resume_on_one_process(runs, train_shards, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_a_finished_conversion_is_reused(runs):
+def test_a_finished_conversion_is_reused(runs, capfd):
     out, _ = runs
     udir = out / "w2to1_z3" / "universal" / tag_for(KILL)
     stamp = (udir / "COMPLETE").stat().st_mtime_ns
     again = prepare(out / "w2_z3" / "checkpoints" / tag_for(KILL), out / "w2to1_z3", rank=0)
     assert again == udir and (udir / "COMPLETE").stat().st_mtime_ns == stamp
+    assert f"using its universal form in {udir}" in capfd.readouterr().err
