@@ -52,7 +52,7 @@ def universal_dir(run_dir: Path, tag_dir: Path) -> Path:
 
 
 def _reusable(out: Path, source_digest: str) -> bool:
-    if verify(out) is not None:
+    if verify(out, content=True) is not None:  # hashed: a damaged file is converted again, never loaded
         return False
     try:
         return read_meta(out)["universal"]["source_complete_sha256"] == source_digest
