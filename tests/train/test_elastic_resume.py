@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from simscale.errors import CheckpointError
-from simscale.train.checkpoint import read_meta, tag_for
+from simscale.train.checkpoint import read_meta, tag_for, verify
 from simscale.train.ema import consolidate
 from simscale.train.rank_state import load_ema
 from simscale.train.universal import prepare, source_of
@@ -164,3 +164,11 @@ def test_a_finished_conversion_is_reused(runs, capfd):
     again = prepare(out / "w2_z3" / "checkpoints" / tag_for(KILL), out / "w2to1_z3", rank=0)
     assert again == udir and (udir / "COMPLETE").stat().st_mtime_ns == stamp
     assert f"using its universal form in {udir}" in capfd.readouterr().err
+    # a damaged file (same size) in the conversion: converted again, never loaded
+    victim = next((udir / "zero").glob("*/exp_avg.pt"))
+    raw = bytearray(victim.read_bytes())
+    raw[-64:] = bytes(b ^ 0xFF for b in raw[-64:])
+    victim.write_bytes(bytes(raw))
+    prepare(out / "w2_z3" / "checkpoints" / tag_for(KILL), out / "w2to1_z3", rank=0)
+    assert "converting it to DeepSpeed's universal" in capfd.readouterr().err
+    assert verify(udir, content=True) is None
