@@ -43,6 +43,10 @@ FORMAT = "simscale-universal/1"
 STATE = "simscale_universal"
 
 
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160]  # one line, whatever the library's message looked like
+
+
 def is_universal(meta: dict[str, Any]) -> bool:
     return isinstance(meta.get("universal"), dict)
 
@@ -120,9 +124,9 @@ def prepare(tag_dir: Path, run_dir: Path, rank: int) -> Path:
             problem = str(exc)
         except Exception as exc:  # noqa: BLE001 - a damaged source, a full disk: named, never a trace
             shutil.rmtree(out.with_name(f".{out.name}.tmp"), ignore_errors=True)
-            problem = (f"cannot convert '{tag_dir}' to a universal checkpoint in '{out}' "
-                       f"({os_reason(exc, out.parent) if isinstance(exc, OSError) else type(exc).__name__}: "
-                       f"{str(exc)[:160]}); free space or resume on {read_meta(tag_dir)['world_size']} ranks")
+            why = os_reason(exc, out.parent) if isinstance(exc, OSError) else f"{type(exc).__name__}: {_line(exc)}"
+            problem = (f"cannot convert '{tag_dir}' to a universal checkpoint in '{out}' ({why}); "
+                       f"free space or resume on {read_meta(tag_dir)['world_size']} ranks")
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [problem]
         dist.broadcast_object_list(box, src=0)
@@ -173,7 +177,7 @@ def load_engine(engine, udir: Path) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
         raise CheckpointError(f"DeepSpeed could not load the universal checkpoint '{udir}' ({type(exc).__name__}: "
-                              f"{str(exc)[:160]}); delete it to convert again, or resume on the number of "
+                              f"{_line(exc)}); delete it to convert again, or resume on the number of "
                               "ranks that wrote the checkpoint") from None
     finally:
         ds_logger.setLevel(level)

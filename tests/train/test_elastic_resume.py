@@ -172,3 +172,11 @@ def test_a_finished_conversion_is_reused(runs, capfd):
     prepare(out / "w2_z3" / "checkpoints" / tag_for(KILL), out / "w2to1_z3", rank=0)
     assert "converting it to DeepSpeed's universal" in capfd.readouterr().err
     assert verify(udir, content=True) is None
+
+
+def test_a_conversion_that_cannot_be_written_is_one_line(runs, tmp_path):
+    out, _ = runs
+    (tmp_path / "universal").write_text("a file where the folder should go")
+    with pytest.raises(CheckpointError, match="cannot convert .* resume on 2 ranks") as err:
+        prepare(out / "w2_z2" / "checkpoints" / tag_for(KILL), tmp_path, rank=0)
+    assert "\n" not in str(err.value)
