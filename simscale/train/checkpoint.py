@@ -33,9 +33,19 @@ from simscale.train.weights_only import weights_only_loads
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+SOURCE_KEY = "simscale_checkpoint"  # in DeepSpeed's model states: the run dir and tag that wrote them
 _TAG = re.compile(r"^step_(\d{8})$")
 _WRITER = re.compile(r"(?:pp_rank_|simscale_rank)0*(\d+)")  # DeepSpeed's and our per-rank file names
 console = Console(stderr=True)
+
+
+def universal_client_state() -> dict[str, Any]:
+    """The client-state key DeepSpeed's `ds_to_universal` requires (else it asks for
+    --inject_missing_state): no tensor or pipeline parallelism to describe, only the format version."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def tag_for(step: int) -> str:
@@ -246,7 +256,11 @@ class Checkpointer:
             raise self._write_error(exc, tag_dir) from None
         dist.barrier()
         try:
-            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            # universal_checkpoint_info: what `ds_to_universal` needs to convert without extra flags
+            # and where it came from: `ds_to_universal` copies this file, so its output leads back here
+            source = {SOURCE_KEY: {"run_dir": str(self.root.parent.resolve()), "tag": tag}}
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
+                                   client_state={**universal_client_state(), **source})
             save_rank_state(tag_dir, self.rank, state)
         except (OSError, RuntimeError) as exc:
             # This rank stops with one line; the launcher ends the others. The partial directory
@@ -314,15 +328,3 @@ class Checkpointer:
                                   "delete it to resume from the previous one")
         return load_rank_state(tag_dir, self.rank)
 
-
-def check_compatible(saved_cfg: dict[str, Any], cfg: dict[str, Any], tag_dir: Path) -> None:
-    """Refuse a checkpoint whose model or sharding differs from this run's, naming the key."""
-    for section, keys in (("model", None), ("deepspeed", ("zero_stage", "precision")),
-                          ("loss", None), ("data", ("same_view",))):
-        old, new = saved_cfg.get(section, {}), cfg.get(section, {})
-        for key in keys or sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                raise CheckpointError(
-                    f"checkpoint '{tag_dir}' was written with {section}.{key}={old.get(key)!r}, this run "
-                    f"has {new.get(key)!r}: resume with the same setting or use a new run.dir"
-                )

@@ -126,6 +126,23 @@ class ShardedEMA:
             m.copy_(saved.to(m.device))
         self._write_targets()
 
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor], rank: int) -> None:
+        """Re-partition consolidated fp32 target tensors (any world size wrote them) for this rank:
+        the whole tensor under ZeRO-1/2; under ZeRO-3 ZeRO's own split, rank r owning elements
+        [r*n, (r+1)*n) of the flat tensor zero-padded to world*n, n this rank's slice length."""
+        if sorted(full) != sorted(self.names) or any(full_numel(t) != full[n].numel()
+                                                     for n, t in zip(self.names, self.target)):
+            raise CheckpointError("EMA target in the checkpoint does not match this model's target parameters: "
+                                  "resume with the same model.* settings")
+        for name, m in zip(self.names, self.master):
+            flat = full[name].reshape(-1).to(torch.float32)
+            start = rank * m.numel() if self.zero3 else 0
+            part = flat[start:start + m.numel()]
+            m.zero_()  # ZeRO-3 padding past the tensor's end stays zero, as DeepSpeed pads it
+            m[: part.numel()].copy_(part.to(m.device))
+        self._write_targets()
+
 
 def consolidate(states: list[dict]) -> dict[str, torch.Tensor]:
     """Full fp32 target tensors from the per-rank EMA states (any world size, no GPU needed)."""

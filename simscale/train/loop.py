@@ -22,11 +22,13 @@ import torch.distributed as dist
 from simscale.config import Config, resolve_lr, save_yaml, to_dict
 from simscale.data.partitions import auto_partitions, partition_problem
 from simscale.errors import CheckpointError, SimscaleError
-from simscale.train.checkpoint import Checkpointer, check_compatible, read_meta
+from simscale.train import universal
+from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
 from simscale.train.ema import ShardedEMA
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
+from simscale.train.resume import fingerprint_changes, global_batch_of, peek, rank_seed
 from simscale.train.schedules import Schedule
 from simscale.train.watchdog import on_failure, set_phase
 from simscale.train.zero import full_shape
@@ -81,10 +83,16 @@ class Trainer:
         self._partitions_asked = self.cfg.data.partitions
         self.cfg.data.partitions = self._partitions_asked or auto_partitions(
             self.info.world_size, self.cfg.optim.batch_size, self.cfg.data.num_workers)
+        self._lr_rule = cfg.optim.lr <= 0  # an explicit optim.lr is never scaled, also not on resume
         self.run_dir = Path(self.cfg.run.dir)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.run_dir / "config.yaml")
+        self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
+        # Before the engine: resuming on another world size changes the DeepSpeed config.
+        set_phase("resume")
+        self.plan = peek(self.ckpt, resume, self.info.world_size)
+        self.load_dir = self._prepare_resume()
         seed = self.cfg.run.seed
         random.seed(seed)
         np.random.seed(seed)
@@ -106,6 +114,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (loss, fp32 runs) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         self.ds_config = build_ds_config(self.cfg, self.info.world_size, on_cpu)
+        if self.plan is not None and self.plan.universal:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         dtype = torch.bfloat16 if self.cfg.deepspeed.precision == "bf16" else torch.float32
         self.dtype = dtype
         if self.cfg.deepspeed.zero_stage == 3:
@@ -130,7 +140,6 @@ class Trainer:
         self.peak = device_peak_flops()
         self.state = LoopState()
         self._unread: list[torch.Tensor] = []  # per-step mean losses (device) not yet in state.losses
-        self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                                 self.schedule.total_steps, live=live_progress)
         on_failure(self.sink.close)  # a rank ended by another's failure still stops its bar, flushes its files
@@ -144,23 +153,44 @@ class Trainer:
                         f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
                         f"{self.schedule.total_steps} steps of global batch "
                         f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")
-        self._resume(resume)
+        self._resume()
         P = self.stream.partitions
         self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
                         f"{self.stream.num_workers} worker processes each); a resume fits any number of ranks "
                         f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
 
     # -- resume -----------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
-        set_phase("resume")
-        tag_dir = self.ckpt.find_resumable(resume)
-        if tag_dir is None:
+    def _prepare_resume(self) -> Path | None:
+        """The fingerprint check, and on a world-size change the universal folder (converted once
+        by rank 0) that DeepSpeed will load; None when nothing is resumed."""
+        plan = self.plan
+        if plan is None:
+            return None
+        saved_cfg = plan.meta["config"]
+        self._changes = fingerprint_changes(saved_cfg, to_dict(self.cfg), plan.meta["world_size"],
+                                            self.info.world_size, plan.tag_dir)
+        self._adopt_partitions(saved_cfg.get("data", {}).get("partitions", 0), plan.tag_dir)
+        old_gb = global_batch_of(saved_cfg, plan.meta["world_size"])
+        new_gb = global_batch_of(to_dict(self.cfg), self.info.world_size)
+        if old_gb != new_gb or saved_cfg["optim"].get("lr") != self.cfg.optim.lr:
+            how = "the lr rule re-applied" if self._lr_rule else "optim.lr set explicitly, not scaled"
+            self._changes.append(f"global batch {old_gb} -> {new_gb}, lr {saved_cfg['optim'].get('lr', 0):.3e} -> "
+                                 f"{self.cfg.optim.lr:.3e} ({how})")
+        if not plan.universal or universal.is_universal(plan.meta):
+            return plan.tag_dir
+        return universal.prepare(plan.tag_dir, self.run_dir, self.info.rank)
+
+    def _resume(self) -> None:
+        if self.plan is None:
             return
-        saved_cfg = read_meta(tag_dir)["config"]
-        check_compatible(saved_cfg, to_dict(self.cfg), tag_dir)
-        self._adopt_partitions(saved_cfg.get("data", {}).get("partitions", 0), tag_dir)
-        saved = self.ckpt.load(self.engine, tag_dir)
-        self.ema.load_state_dict(saved["ema"])
+        tag_dir = self.plan.tag_dir
+        if self.plan.universal:
+            universal.load_engine(self.engine, self.load_dir)
+            saved = universal.load_state(self.load_dir)
+            self.ema.load_full(saved["ema"], self.info.rank)
+        else:
+            saved = self.ckpt.load(self.engine, tag_dir)
+            self.ema.load_state_dict(saved["ema"])
         defaults = dataclasses.asdict(LoopState())
         loop = {k: v for k, v in saved["loop"].items() if k in defaults}
         wrong = [k for k, v in loop.items() if type(v) is not type(defaults[k]) and
@@ -169,18 +199,30 @@ class Trainer:
             raise SimscaleError(f"loop state in '{tag_dir}' has a wrong type for '{wrong[0]}': "
                                 "resume from another checkpoint")
         self.state = LoopState(**loop)
-        try:
-            _set_rng(saved["rng"])
-        except (ValueError, TypeError, RuntimeError, IndexError) as exc:
-            raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
-                                "resume from another checkpoint") from None
+        if self.plan.universal:
+            # Per-rank state of another world has no rank-to-rank mapping: every rank continues from
+            # rank 0's loop state, and model-side randomness is re-seeded per (seed, step, rank).
+            seed = rank_seed(self.cfg.run.seed, self.state.step, self.info.rank)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            self._changes.append("every rank continues from rank 0's loop state (step, epoch, data position); "
+                                 "model RNG re-seeded from (run.seed, step, rank)")
+        else:
+            try:
+                _set_rng(saved["rng"])
+            except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+                raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
+                                    "resume from another checkpoint") from None
+        if self._changes:
+            self.sink.print(f"resume changes: {'; '.join(self._changes)}")
         self.sink.drop_after(self.state.step)  # the steps about to be replayed are logged again
         self.sink.print(f"resumed from {tag_dir} at step {self.state.step} (epoch {self.state.epoch}, "
                         f"sample {self.state.samples_in_epoch} of its global order)")
 
     def _adopt_partitions(self, saved: int, tag_dir: Path) -> None:
-        """Continue in the data partitions the run started with (the data position counts in them);
-        the stream is rebuilt when this run's own choice differs."""
+        """Continue in the data partitions the run started with (the data position counts in them).
+        Runs before the stream is built (from `_prepare_resume`), so the stream starts in them."""
         if not saved:
             raise CheckpointError(f"checkpoint '{tag_dir}' keeps a per-rank data position (written before "
                                   "data.partitions existed): this simscale cannot resume it; use a new run.dir")
@@ -188,15 +230,12 @@ class Trainer:
             raise CheckpointError(f"checkpoint '{tag_dir}' was written with data.partitions={saved}, this run asks "
                                   f"for {self._partitions_asked}: drop the override (0 keeps the recorded one) "
                                   "or use a new run.dir")
-        if saved == self.stream.partitions:
+        if saved == self.cfg.data.partitions:
             return
         problem = partition_problem(saved, self.info.world_size, self.cfg.optim.batch_size)
         if problem:
             raise CheckpointError(f"resuming '{tag_dir}': the run's recorded {problem}")
-        from simscale.data.stream import TwoViewStream
-
         self.cfg.data.partitions = saved
-        self.stream = TwoViewStream(self.cfg, rank=self.info.rank, world_size=self.info.world_size)
         if self.info.is_main:
             save_yaml(self.cfg, self.run_dir / "config.yaml")
 

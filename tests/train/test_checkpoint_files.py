@@ -5,7 +5,8 @@ import json
 import pytest
 
 from simscale.errors import CheckpointError
-from simscale.train.checkpoint import Checkpointer, check_compatible, tag_for, verify
+from simscale.train.checkpoint import Checkpointer, tag_for, verify
+from simscale.train.resume import fingerprint_changes
 
 
 def make_tag(root, step, complete=True):
@@ -55,8 +56,8 @@ def test_incompatible_model_is_refused_with_the_key():
     old = {"model": {"embed_dim": 64, "depth": 2}, "deepspeed": {"zero_stage": 2}}
     new = {"model": {"embed_dim": 128, "depth": 2}, "deepspeed": {"zero_stage": 2}}
     with pytest.raises(CheckpointError, match="model.embed_dim=64"):
-        check_compatible(old, new, "ck")
-    check_compatible(old, old, "ck")
+        fingerprint_changes(old, new, 2, 2, "ck")
+    assert fingerprint_changes(old, old, 2, 2, "ck") == []
 
 
 def test_keep_last_prunes_old_and_dead_checkpoints(tmp_path):

@@ -78,3 +78,20 @@ def test_consolidate_joins_zero3_partitions():
     padded = [full.view(-1)[:6].clone(), torch.cat([full.view(-1)[6:], torch.zeros(2)])]
     states = [{**s, "master": [p]} for s, p in zip(states, padded)]
     assert torch.equal(consolidate(states)["w"], full)
+
+
+def test_load_full_restores_consolidated_targets_and_refuses_a_mismatch():
+    import pytest
+
+    from simscale.errors import CheckpointError
+
+    pairs = _pairs()
+    ema = ShardedEMA(pairs)
+    ema.update(0.7)
+    full = consolidate([ema.state_dict()])
+    other = ShardedEMA(_pairs())  # a fresh run on another world: whole tensors under ZeRO-1/2
+    other.load_full(full, rank=1)
+    for a, b in zip(other.master, ema.master):
+        assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="same model"):
+        other.load_full({**full, "p0": torch.zeros(3)}, rank=0)
