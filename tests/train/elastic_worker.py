@@ -34,7 +34,7 @@ def make(shards: str, run_dir: Path, stage: int, resume: str, *over: str) -> Tra
 
 
 def train(shards: str, out: Path) -> None:
-    # one rank: the same global batch as 4 micro-batches x 2 accumulated, so 1 -> 2 changes grad_accum too
+    # one rank: the same global batch as 2 accumulated micro-batches of 4
     over = ["optim.batch_size=4", "optim.grad_accum=2"] if INFO.world_size == 1 else []
     for stage in STAGES:
         make(shards, out / f"w{INFO.world_size}_z{stage}", stage, "none", *over).fit()
@@ -49,7 +49,12 @@ def resume(shards: str, out: Path, source_world: int) -> None:
             refused[stage] = ""
         except CheckpointError as exc:
             refused[stage] = str(exc)
-        t = make(shards, out / f"w{source_world}to{INFO.world_size}_z{stage}", stage, str(source))
+        # from 1 rank x 4 x 2 accumulated: 2 ranks x 2 x 2, the same micro-step global batch, so the
+        # UniGrad statistics (over a micro-step's global batch) and the losses equal the run that stayed
+        # from 2 ranks (0 workers): 1 rank x 8 read by 2 DataLoader workers (num_workers 0 -> 2)
+        over = {(1, 2): ["optim.batch_size=2", "optim.grad_accum=2"],
+                (2, 1): ["data.num_workers=2"]}.get((source_world, INFO.world_size), [])
+        t = make(shards, out / f"w{source_world}to{INFO.world_size}_z{stage}", stage, str(source), *over)
         t.save()  # exactly what was loaded, in this world's layout
         t.fit()
     if INFO.is_main:
