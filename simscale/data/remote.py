@@ -18,8 +18,10 @@ fsspec, s3fs and aiohttp are imported on first use only: local-only runs never p
 from __future__ import annotations
 
 import io
+import os
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -70,6 +72,26 @@ def join(base: str, name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Filesystems
+
+_inherited: list = []  # a forked child's copies of the parent's storage clients, never closed here
+
+
+def _keep_inherited_clients() -> None:
+    """In a forked child (DataLoader worker, prepare worker): leave the parent's fsspec clients alone.
+    fsspec drops a parent's filesystem instances in a new pid; collecting them here would close the
+    inherited aiohttp/aiobotocore connections through their finalizers, and those sockets and the
+    event loop's epoll set are shared with the parent: the parent's next request on such a pooled
+    connection then waits for its read timeout (60 s stalls, seen in tests). Keeping the objects
+    alive (a forked worker ends with os._exit, so nothing closes them) lets the child open its own."""
+    for fin in list(getattr(weakref.finalize, "_registry", {})):
+        info = fin.peek()
+        if info is not None and getattr(info[1], "__name__", "") == "close_session":
+            _inherited.append(info)  # (instance, close_session, loop, session): alive, so no __del__ closes
+            fin.detach()
+
+
+os.register_at_fork(after_in_child=_keep_inherited_clients)
+
 
 def filesystem(url: str, opts: IOOptions | None = None):
     """(fsspec filesystem, path) for `url`, with timeouts; a missing backend is a DataError."""

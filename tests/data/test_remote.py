@@ -271,3 +271,30 @@ def test_index_existing_webdataset_tars_local_and_over_http(root, http, tmp_path
     with pytest.raises(DataError, match="'zzz' in .* has no image"):
         from simscale.data.index import index
         index(str(tmp_path / "b.tar"), str(tmp_path / "b.json"))
+
+
+def _child_drops_the_parents_clients() -> None:
+    import gc
+
+    import fsspec
+
+    fsspec.filesystem("http")  # a new pid: fsspec drops the instances inherited from the parent
+    gc.collect()
+
+
+def test_a_forked_worker_leaves_the_parents_connections_alone(root, http):
+    """A DataLoader or prepare worker forked after the main process read over HTTP must not close
+    the parent's pooled connections (shared sockets and epoll set): the parent's next read would
+    stall for its whole read timeout (60 s by default; 5 s here)."""
+    import multiprocessing as mp
+
+    opts = remote.IOOptions(timeout=5.0, backoff=0.01)
+    url = f"{http.url}/out/manifest.json"
+    first = remote.read_bytes(url, opts)
+    child = mp.get_context("fork").Process(target=_child_drops_the_parents_clients)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    t0 = time.monotonic()
+    assert remote.read_bytes(url, opts) == first
+    assert time.monotonic() - t0 < 2.5  # not a read timeout and a retry
