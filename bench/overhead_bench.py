@@ -16,7 +16,11 @@ One process, world size 1 (a real gloo process group, as `simscale train` withou
   No EMA, no DeepSpeed, no logging. A second variant adds a plain `torch._foreach_lerp_` EMA
   of the target (the method needs one; it shows what an EMA costs at its cheapest).
 Trainer and bare steps are interleaved in rounds (machine noise hits both alike); the ratio is
-total trainer time / total bare time over the timed rounds. Per-part timers (perf_counter
+total trainer time / total bare time over the timed rounds; `round_ratio` gives the median and
+spread of the per-round ratios (trainer / bare time of the same round: with `--steps 1` each
+trainer step is paired with the bare step next to it, the steadiest figure on a shared machine).
+`--bare-fused-adam` gives the bare loop torch's fused AdamW, the kernel the trainer configures
+inside DeepSpeed (the default bare loop keeps torch's default AdamW). Per-part timers (perf_counter
 around the engine's forward/backward/step, the EMA update, the data wait and the sink) show
 where the difference goes.
 """
@@ -123,6 +127,8 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="more key=value config overrides")
     p.add_argument("--fused-adam", action="store_true",
                    help="experiment: add fused=True to the DeepSpeed optimizer params (torch's fused CPU AdamW)")
+    p.add_argument("--bare-fused-adam", action="store_true",
+                   help="bare loop: torch.optim.AdamW(fused=True), the trainer's kernel (default: torch's default)")
     p.add_argument("--profile", type=int, default=0, help="then run N trainer steps under cProfile, print the top")
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -179,7 +185,8 @@ def main() -> None:
     model = SIM(cfg).train()
     groups = param_groups(model)
     o = cfg.optim
-    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                            fused=True if args.bare_fused_adam else None)
     mem = [b for _, b in zip(range(4), tr.stream.batches(epoch=1))]  # held in memory
     ema_pairs = [(po, pt) for _, po, pt in model.ema_pairs()]
     bt = Timers()
@@ -223,6 +230,7 @@ def main() -> None:
     times = {"trainer": [], "bare": [], "bare_ema": []}
     bare_parts: dict[str, float] = {}
     i = 0
+    round_ratios = []
     for _ in range(args.rounds):
         for _ in range(args.steps):
             times["trainer"].append(trainer_step(tr, batches, tt))
@@ -230,6 +238,7 @@ def main() -> None:
         for _ in range(args.steps):
             times["bare"].append(bare_step(i, False))
             i += 1
+        round_ratios.append(sum(times["trainer"][-args.steps:]) / sum(times["bare"][-args.steps:]))
         for k, v in bt.t.items():
             bare_parts[k] = bare_parts.get(k, 0.0) + v
         for _ in range(args.steps):
@@ -262,6 +271,13 @@ def main() -> None:
         "ratio_mean": round(mean["trainer"] / mean["bare"], 3),
         "ratio_median": round(med["trainer"] / med["bare"], 3),
         "ratio_vs_bare_ema": round(mean["trainer"] / mean["bare_ema"], 3),
+        # per-round trainer/bare ratios: median, quartiles, extremes
+        "round_ratio": {"median": round(statistics.median(round_ratios), 3),
+                        "q1_q3": [round(q, 3) for q in statistics.quantiles(round_ratios, n=4)[::2]]
+                        if len(round_ratios) > 1 else None,
+                        "min_max": [round(min(round_ratios), 3), round(max(round_ratios), 3)]},
+        "bare_fused_adam": args.bare_fused_adam,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         # CPU time of this process (all its threads; DataLoader workers excluded): less sensitive
         # to other jobs on a shared machine than wall time
         "ratio_cpu_time": round(tt.t["cpu_time"] / bare_parts["cpu_time"], 3),

@@ -27,6 +27,7 @@ from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
 from simscale.train.ema import ShardedEMA
+from simscale.train.host_memory import keep_freed_host_memory
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.resume import fingerprint_changes, global_batch_of, peek, rank_seed
 from simscale.train.schedules import Schedule
@@ -110,6 +111,8 @@ class Trainer:
         self.schedule = Schedule.from_config(self.cfg, steps_per_epoch)
 
         on_cpu = self.info.device.type == "cpu"
+        if on_cpu:  # before the engine's buffers exist: DeepSpeed's per-step flat copies reuse the heap
+            keep_freed_host_memory()
         if self.info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (loss, fp32 runs) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
