@@ -159,7 +159,7 @@ class Trainer:
         self._resume()
         P = self.stream.partitions
         self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
-                        f"{self.stream.num_workers} worker processes each); a resume fits any number of ranks "
+                        f"{self.stream.num_workers} loader worker(s) each); a resume fits any number of ranks "
                         f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
 
     # -- resume -----------------------------------------------------------------------------------
