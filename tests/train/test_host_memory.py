@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     import json, resource, torch
     from simscale.train.host_memory import keep_freed_host_memory
 
-    def faults_per_step(steps=6):
+    def faults_per_step(steps=10):
         out = []
         for _ in range(steps):  # as DeepSpeed's step: small tensors, then a 128 MB flat copy, freed
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -39,8 +39,12 @@ def test_large_freed_block_is_reused_without_page_faults():
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["applied"] is True
-    # The first steps after the switch grow the heap (faults); from then on the block is reused.
-    assert sum(r["kept"][-3:]) <= 10, r
     # glibc default: every step maps the block afresh and faults it in again (32768 4 KiB pages; 64
-    # if transparent huge pages are always on)
-    assert min(r["default"][-3:]) > 50, r
+    # if transparent huge pages are always on): no step is free of faults.
+    assert min(r["default"][1:]) > 50, r
+    # With the setting the freed block stays in the heap and most steps reuse it without a fault.
+    # Not every step: a small block carved out of the freed big one (glibc's best fit) makes the
+    # next big one grow the heap again now and then (seen in 2 of 10 runs at 6 steps), so the
+    # check counts the fault-free steps instead of demanding all of them.
+    reused = sum(f <= 10 for f in r["kept"][1:])
+    assert reused >= len(r["kept"][1:]) // 2, r
