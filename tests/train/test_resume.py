@@ -113,7 +113,7 @@ def test_a_resume_keeps_the_runs_data_partitions_and_its_global_data_position(tr
     second = simscale_cli(["train", "--preset", "tiny", *common, "optim.batch_size=8", "optim.max_steps=3"])
     assert second.returncode == 0, tail(second)
     assert "sample 8 of its global order" in second.stdout + second.stderr
-    assert "data: 4 partitions of the epoch's sample order (4 per rank, 0 worker" in second.stdout + second.stderr
+    assert "data: 4 partitions of the epoch's sample order (4 per rank, 0 loader worker" in second.stdout + second.stderr
     assert position(3) == (0, 16) and "partitions: 4" in (tmp_path / "config.yaml").read_text()
     for over, said in (("data.partitions=8", "was written with data.partitions=4, this run asks for 8"),
                        ("optim.batch_size=2", "recorded data.partitions=4 does not divide the micro-step global "
