@@ -114,3 +114,18 @@ def evil_tar(path: Path) -> Path:
         info.size = 1
         tf.addfile(info, io.BytesIO(b"7"))
     return path
+
+
+def id_shards(root: Path, n: int, size: tuple[int, int], shuffle: bool = True, shard_size: int = 5) -> Path:
+    """n distinct real JPEGs (label = sample id, listed in ROOT/list.txt) made into shards of
+    `shard_size` by `simscale prepare` in ROOT/out, which is returned."""
+    from simscale.data.prepare import Options, prepare
+
+    lines = []
+    for k in range(n):
+        p = write_jpeg(root / "img" / f"{k:03d}.jpg", variant(k, size))
+        lines.append(f"{p} {k}\n")
+    (root / "list.txt").write_text("".join(lines))
+    prepare([str(root / "list.txt")], root / "out", Options(shard_size=shard_size, shuffle=shuffle), workers=1,
+            progress=False)
+    return root / "out"

@@ -9,7 +9,6 @@ import torch
 
 import images
 from simscale.config import build_config
-from simscale.data.prepare import Options, prepare
 from simscale.data.stream import TwoViewStream
 from simscale.errors import DataError
 
@@ -18,14 +17,7 @@ N = 40  # 2 ranks x batch 4 -> 5 batches per rank per epoch
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad_samples")
-    lines = []
-    for k in range(N):
-        p = images.write_jpeg(root / "img" / f"{k:03d}.jpg", images.variant(k, (96, 72)))
-        lines.append(f"{p} {k}\n")
-    (root / "list.txt").write_text("".join(lines))
-    prepare([str(root / "list.txt")], root / "out", Options(shard_size=5), workers=1, progress=False)
-    return root / "out"
+    return images.id_shards(tmp_path_factory.mktemp("bad_samples"), N, (96, 72))
 
 
 @pytest.fixture

@@ -24,12 +24,7 @@ N = 23  # batch 4 -> 5 batches, 3 samples dropped; 5 shards of <= 5
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
-    lines = []
-    for k in range(N):
-        p = images.write_jpeg(root / "img" / f"{k:03d}.jpg", images.variant(k, (160, 120)))
-        lines.append(f"{p} {k}\n")
-    (root / "list.txt").write_text("".join(lines))
-    prepare([str(root / "list.txt")], root / "out", Options(shard_size=5), workers=1, progress=False)
+    images.id_shards(root, N, (160, 120))
     return root
 
 

@@ -22,14 +22,7 @@ N = 37  # samples: 2 ranks x batch 4 -> 4 batches per rank per epoch, 5 samples 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """N distinct real images, label = sample id, 8 shards of <= 5 (the last one short)."""
-    root = tmp_path_factory.mktemp("stream")
-    lines = []
-    for k in range(N):
-        p = images.write_jpeg(root / "img" / f"{k:03d}.jpg", images.variant(k, (160, 120)))
-        lines.append(f"{p} {k}\n")
-    (root / "list.txt").write_text("".join(lines))
-    prepare([str(root / "list.txt")], root / "out", Options(shard_size=5, shuffle=False), workers=1, progress=False)
-    return root / "out"
+    return images.id_shards(tmp_path_factory.mktemp("stream"), N, (160, 120), shuffle=False)
 
 
 def expected_sequence(shards, epoch, interleave=8, seed=3):
