@@ -39,6 +39,10 @@ class ModelConfig:
     projector_depth: int = 2
     predictor_depth: int = 4
     decoder_norm: str = "bn"  # "bn" (BatchNorm over tokens, synced across ranks) or "ln"
+    # The predictor's input holds the visible view-A tokens (the release). Off: only the class
+    # token and the view-B queries, so everything about the image reaches the predictor through
+    # the class token (an ablation: bench/RESULTS.md "Learning at 32 px", issue 20).
+    predictor_visible: bool = True
     # "ema": momentum target encoder (the method); "pixel": raw-pixel target ablation.
     target: str = "ema"
     # The exported representation (timm's global_pool): "token" (the class token; the release) or
