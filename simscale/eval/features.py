@@ -17,6 +17,7 @@ own input size. Grayscale and palette images are converted to RGB first.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -29,7 +30,8 @@ from torch import nn
 from torchvision import transforms
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from simscale.data.remote import open_shard
+from simscale.data.opener import open_shard
+from simscale.data.remote import IOOptions
 from simscale.data.shards import ShardSet, resolve_shards
 from simscale.errors import CheckpointError, DataError
 
@@ -160,18 +162,18 @@ def _collate(items):
     return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])
 
 
-def _opened(entries):
-    """webdataset's url_opener stage, through simscale's opener: local paths and URLs (remote.py)."""
+def _opened(entries, opts: IOOptions | None = None):
+    """webdataset's url_opener stage, through simscale's opener with the caller's I/O options."""
     for entry in entries:
-        with open_shard(entry["url"]) as stream:  # closed once the expander asks for the next shard
+        with open_shard(entry["url"], opts) as stream:  # closed once the expander asks for the next shard
             yield dict(entry, stream=stream)
 
 
-def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
+def _loader(shards: ShardSet, transform, batch_size: int, workers: int, opts: IOOptions | None):
     # Every process reads every shard, in order: evaluation is not split across ranks.
     dataset = wds.DataPipeline(
         wds.SimpleShardList(shards.urls), wds.split_by_worker,
-        _opened, tar_file_expander, group_by_keys,  # raw bytes: only the image and .cls are decoded
+        functools.partial(_opened, opts=opts), tar_file_expander, group_by_keys,  # raw bytes: only image, .cls decoded
         wds.map(_ImageAndLabel(transform)),
     )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(shards.urls)),
@@ -185,10 +187,11 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
 
 
-def labelled_batches(shard_set: ShardSet, transform, batch_size: int, workers: int):
-    """(images, labels) batches of labelled shards; a damaged shard, an undecodable image or an
+def labelled_batches(shard_set: ShardSet, transform, batch_size: int, workers: int,
+                     opts: IOOptions | None = None):
+    """(images, labels) batches of labelled shards (remote ones read with `opts`); a damaged shard, an undecodable image or an
     unlabelled sample is one DataError line naming it (never a worker's traceback)."""
-    batches = iter(_loader(shard_set, transform, batch_size, workers))
+    batches = iter(_loader(shard_set, transform, batch_size, workers, opts))
     while True:
         try:
             images, y = next(batches)
@@ -217,13 +220,14 @@ def extract_features(
     img_size: int | None = None,
     mean=None,
     std=None,
+    opts: IOOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every labelled sample of `shards`: (features [N, D] float32 on CPU, labels [N] int64).
 
     `model` is a live module (in-training eval; training mode is restored after) or one from
     `load_encoder`. Features are not normalised here; the k-NN normalises, the probe standardises.
     """
-    shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
+    shard_set = resolve_shards(shards, opts) if isinstance(shards, str) else shards
     data = input_config(model)
     if img_size:
         data["input_size"] = (3, img_size, img_size)
@@ -234,7 +238,7 @@ def extract_features(
     model.eval()
     feats, labels = [], []
     try:
-        for images, y in labelled_batches(shard_set, transform, batch_size, workers):
+        for images, y in labelled_batches(shard_set, transform, batch_size, workers, opts):
             out = pooled_features(model, images.to(param.device, param.dtype))
             feats.append(out.float().cpu())
             labels.append(y)
@@ -246,15 +250,15 @@ def extract_features(
 
 
 def pixel_features(shards: str | ShardSet, img_size: int, batch_size: int = 256,
-                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   workers: int = 0, opts: IOOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw-pixel baseline: each image after the eval transform, flattened ([N, 3*S*S]).
 
     Any encoder is worth what it adds over its own input: `simscale eval knn --pixels` scores
     these with the same k-NN as an encoder's features."""
-    shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
+    shard_set = resolve_shards(shards, opts) if isinstance(shards, str) else shards
     transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
     feats, labels = [], []
-    for images, y in labelled_batches(shard_set, transform, batch_size, workers):
+    for images, y in labelled_batches(shard_set, transform, batch_size, workers, opts):
         feats.append(images.flatten(1))
         labels.append(y)
     if not feats:
