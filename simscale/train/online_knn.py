@@ -25,7 +25,7 @@ from simscale.config import EvalConfig
 from simscale.data.remote import IOOptions
 from simscale.data.shards import resolve_shards
 from simscale.errors import DataError
-from simscale.eval.knn import knn_top1
+from simscale.knn import knn_top1
 
 
 def _world() -> tuple[int, int]:
@@ -40,7 +40,7 @@ def load_split(spec: str, img_size: int, limit: int, rank: int, world: int,
 
     Returns (images [n_pad, 3, S, S], labels [n_pad] with -1 on padding rows, total count).
     """
-    from simscale.eval.features import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
+    from simscale.data.labelled import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
 
     shards = resolve_shards(spec, opts)
     transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
