@@ -154,10 +154,26 @@ class EvalConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike rollback (train/spike.py; PaLM's procedure): a step is bad when its loss is not
+    finite or exceeds `factor` x the running median of the last `window` good losses; `steps` bad
+    steps in a row roll back to the last checkpoint before them and skip the data read since it."""
+    enabled: bool = True
+    factor: float = 3.0
+    steps: int = 3  # consecutive bad steps that trigger a rollback
+    window: int = 100  # good losses in the running median
+    min_history: int = 20  # good losses needed before a loss can count as a spike (non-finite always counts)
+    max_rollbacks: int = 3  # per run; one more trigger stops the run with one line
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/sim"
     seed: int = 0
     save_every: int = 1000  # steps; a checkpoint is also written at the end
+    save_every_minutes: float = 0.0  # also checkpoint by wall time (0: off): bounds the work a failure loses
+    stop_file: str = ""  # a path: when it appears, every rank saves at the next step boundary and exits 0
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     keep_last: int = 3
     max_nonfinite_streak: int = 10  # consecutive skipped steps before the run stops
     # Seconds a rank waits in a collective for the others before the job ends with one line naming
@@ -428,6 +444,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "run.seed": (0, 2**32 - 1, True, True), "run.save_every": (1, None, True, False),
     "run.keep_last": (1, None, True, False), "run.max_nonfinite_streak": (1, None, True, False),
     "run.collective_timeout_s": (5, 7 * 86400, True, True),
+    "run.save_every_minutes": (0, None, True, False), "run.spike.factor": (1, None, False, False),
+    "run.spike.steps": (1, None, True, False), "run.spike.window": (1, None, True, False),
+    "run.spike.min_history": (1, None, True, False), "run.spike.max_rollbacks": (0, None, True, False),
 }
 _ORDERED = ("data.crop_scale", "data.crop_ratio", "data.blur_sigma")  # (low, high) pairs
 

@@ -26,6 +26,7 @@ from simscale.train import universal
 from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
+from simscale.train.healing import Healing
 from simscale.train.ema import ShardedEMA
 from simscale.train.host_memory import keep_freed_host_memory
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
@@ -45,6 +46,7 @@ class LoopState:
     skipped: int = 0
     nonfinite_streak: int = 0
     losses: list[float] = field(default_factory=list)  # the last 1000 per-step mean losses
+    rollbacks: int = 0  # loss-spike rollbacks so far (healing.py)
 
     def rng(self) -> dict[str, Any]:
         return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -161,6 +163,7 @@ class Trainer:
         self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
                         f"{self.stream.num_workers} loader worker(s) each); a resume fits any number of ranks "
                         f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
+        self.heal = Healing(self)  # stop/save agreement, spike rollback, the run ledger
 
     # -- resume -----------------------------------------------------------------------------------
     def _prepare_resume(self) -> Path | None:
@@ -325,7 +328,10 @@ class Trainer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(pending)
             pending /= dist.get_world_size()
-        self.state.losses.extend(pending.tolist())
+        values = pending.tolist()
+        self.state.losses.extend(values)
+        if hasattr(self, "heal"):
+            self.heal.saw_losses(self.state.step - len(values) + 1, values)
         del self.state.losses[:-1000]  # bounded: metrics.jsonl keeps the full history
         return self.state.losses[-1]
 
@@ -403,12 +409,14 @@ class Trainer:
                     self.sink.advance(step)
                 if self.knn is not None and (s.step % cfg.eval.every == 0 or s.step == total):
                     self.evaluate()
-                if s.step % cfg.run.save_every == 0 or s.step == total:
-                    self.save()
+                if self.heal.boundary(s.step % cfg.run.save_every == 0 or s.step == total, m["applied"]):
+                    batches.close()  # rolled back: the data goes on from where the spike was found
+                    batches, s = self._batches(), self.state
                 self._fault_after_step()
         finally:
             self.sink.close()
         self.read_losses()
+        self.heal.finished()
         if self.info.is_main:
             self._write_report()
         return s
