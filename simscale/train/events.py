@@ -73,14 +73,27 @@ def note_start(run_dir: str | Path, world_size: int, resume: str) -> None:
     record(run_dir, "start", attempt=attempt(), world_size=world_size, resume=resume)
 
 
+def skipped_range(skipped: Any) -> str:
+    """{'from': [epoch, sample], 'to': [epoch, sample]} in words (samples of the epochs' global order)."""
+    try:
+        (e0, s0), (e1, s1) = skipped["from"], skipped["to"]
+    except (TypeError, KeyError, ValueError):
+        return f"samples {skipped}"
+    if e0 == e1:
+        return f"samples [{s0}, {s1}) of epoch {e0}"
+    return f"samples from epoch {e0} sample {s0} to epoch {e1} sample {s1}"
+
+
 def summary_lines(events: list[dict[str, Any]]) -> list[str]:
     """One line per ledger record that matters to a reader, for summary.txt."""
     if not events:
         return []
-    starts = sum(e["kind"] == "start" for e in events)
-    stops = [e for e in events if e["kind"] in INTERRUPTIONS]
+    starts = [i for i, e in enumerate(events) if e["kind"] == "start"]
+    # an attempt (from one start to the next) counts once, however many ranks wrote a failure in it
+    bounds = zip([0, *starts[1:]], [*starts[1:], len(events)]) if starts else [(0, len(events))]
+    stops = sum(any(e["kind"] in INTERRUPTIONS for e in events[a:b]) for a, b in bounds)
     rollbacks = [e for e in events if e["kind"] == "rollback"]
-    lines = [f"ledger (events.jsonl): {starts} start(s), {len(stops)} interruption(s), {len(rollbacks)} rollback(s)"]
+    lines = [f"ledger (events.jsonl): {len(starts)} start(s), {stops} interruption(s), {len(rollbacks)} rollback(s)"]
     for e in events:
         k = e["kind"]
         if k == "resume":
@@ -96,5 +109,5 @@ def summary_lines(events: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  preemption save at step {e.get('step')} ({e.get('reason')})")
         elif k == "rollback":
             lines.append(f"  rollback at step {e.get('step')} to {e.get('checkpoint')} ({e.get('why')}); skipped "
-                         f"samples {e.get('skipped')}")
+                         f"{skipped_range(e.get('skipped'))}")
     return lines

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from simscale.train import loop
 
@@ -60,7 +61,8 @@ class Chaos(loop.Trainer):
         m = super().train_step(batches, read)
         sig = self._kill_at.get((self.state.step, self.info.rank))
         if sig:
-            print(f"chaos: rank {self.info.rank} sends itself SIG{sig} after step {self.state.step}", flush=True)
+            print(f"chaos: rank {self.info.rank} sends itself SIG{sig} after step {self.state.step} "
+                  f"at {time.time():.3f}", flush=True)
             os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
         return m
 
