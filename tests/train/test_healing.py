@@ -3,7 +3,8 @@
 - One process: a poisoned window (loss x100 for two steps) rolls back to the checkpoint before it,
   skips the data read since, finishes, and the ledger names the skipped range.
 - One process: a stop file and a SIGTERM each stop the run at a step boundary with a save, exit 0
-  and one line; `run.save_every_minutes` then checkpoints by time.
+  and one line; Ctrl-C names the step and the resume command; `run.save_every_minutes` then
+  checkpoints by time.
 - Chaos (slow): 2 ranks under launchers/elastic.sh; ranks SIGKILL themselves at 3 random steps and
   one gets a SIGTERM; the job finishes by itself, equal bit for bit to an uninterrupted run under the
   same launcher (per-step losses, final online and EMA weights), 4 interruptions in the ledger,
@@ -97,12 +98,18 @@ def test_stop_file_and_sigterm_save_at_a_step_boundary_and_exit_0(train_shards, 
     assert proc.returncode == 0, tail(proc)
     assert "stopped at step 3 (SIGTERM): checkpoint step_00000003 saved" in proc.stderr.replace("\n", "")
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [tag_for(1), tag_for(3)]
+    # Ctrl-C (issue 22): the line names the step and the command that resumes
+    proc = cli(run, train_shards, *common, env={"SIMSCALE_TEST_KILLS": "0:4:0:INT"})
+    assert proc.returncode == 130, tail(proc)
+    assert f"interrupted at step 4; resume with: simscale train --preset tiny --config {run / 'config.yaml'} " \
+           "--resume auto (during 'train step')" in proc.stderr.replace("\n", ""), tail(proc)
     # wall-time checkpoints: every step is older than 0.001 min
     proc = cli(run, train_shards, *common, "run.save_every_minutes=0.001")
     assert proc.returncode == 0, tail(proc)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [tag_for(s) for s in (1, 3, 4, 5, 6)]
     kinds = [e["kind"] for e in read_events(run)]
-    assert kinds == ["start", "preempt", "start", "resume", "preempt", "start", "resume", "end"], kinds
+    assert kinds == ["start", "preempt", "start", "resume", "preempt", "start", "resume", "failure",
+                     "start", "resume", "end"], kinds
 
 
 # -- chaos under launchers/elastic.sh ---------------------------------------------------------------
@@ -188,3 +195,57 @@ def test_chaos_under_the_elastic_launcher_equals_an_uninterrupted_run(train_shar
         print(f"SIG{m.group(2)} rank {m.group(1)} after step {m.group(3)}: first new step {first - t_kill:.1f} s "
               f"later; lost {lost}")
     print(f"chaos job: {took:.0f} s for {STEPS} steps and 4 interruptions")
+
+
+# -- node loss: two elastic agents on loopback, one killed for good ------------------------------------
+def agent(run_dir, shards, port: int, host: bool, log):
+    env = cpu_env(NPROC="1", NNODES="1:2", MAX_RESTARTS="3", RDZV_ENDPOINT=f"127.0.0.1:{port}", MONITOR_S="0.5",
+                  RDZV_CONF=f"join_timeout=300,last_call_timeout=20,is_host={'true' if host else 'false'}",
+                  PRESET="tiny", RUN_DIR=str(run_dir), RDZV_ID="nodeloss")
+    return subprocess.Popen(["bash", str(ROOT / "launchers" / "elastic.sh"), *NODE_LOSS_ARGS(shards)], env=env,
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def NODE_LOSS_ARGS(shards):  # noqa: N802 - a constant that needs the shards
+    # 4 partitions: 2 per rank on two nodes, 4 on one; batch 4 is a multiple of both
+    return [f"data.train={shards}", "data.num_workers=0", "data.partitions=4", "optim.batch_size=4", "optim.max_steps=8",
+            "run.save_every=1", "run.keep_last=20", "log.every=1", "log.tensorboard=false"]
+
+
+@pytest.mark.slow
+def test_a_lost_node_leaves_the_job_running_on_the_other(train_shards, tmp_path):
+    run, port = tmp_path / "run", free_port()
+    logs = [open(tmp_path / f"agent{i}.log", "w") for i in (0, 1)]
+    a = agent(run, train_shards, port, True, logs[0])
+    b = agent(run, train_shards, port, False, logs[1])
+    try:
+        deadline = time.time() + 600
+        while not (run / "checkpoints" / tag_for(3) / "COMPLETE").is_file():
+            assert time.time() < deadline and a.poll() is None, (tmp_path / "agent0.log").read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(b.pid, signal.SIGKILL)  # the node is gone: its agent and its worker
+        b.wait()
+        assert a.wait(timeout=600) == 0, (tmp_path / "agent0.log").read_text()[-4000:]
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for f in logs:
+            f.close()
+    resumes = [e for e in read_events(run) if e["kind"] == "resume"]
+    assert resumes and resumes[-1]["world_size"] == 1 and resumes[-1]["saved_world_size"] == 2, read_events(run)
+    source = resumes[-1]["checkpoint"]
+    got = metrics(run)
+    assert sorted(got) == list(range(1, 9))
+    # a 1-node resume from the same checkpoint, started by hand
+    ref = tmp_path / "ref"
+    proc = subprocess.run([sys.executable, "-m", "simscale", "train", "--preset", "tiny", "--resume", source,
+                           *NODE_LOSS_ARGS(train_shards), f"run.dir={ref}"],
+                          env=cpu_env(MASTER_PORT=str(free_port())), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, tail(proc)
+    want = metrics(ref)
+    first = resumes[-1]["step"] + 1
+    assert sorted(want) == list(range(first, 9))
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), step
