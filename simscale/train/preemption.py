@@ -86,10 +86,12 @@ class StopAgreement:
         if self.reason is None and self.stop_file is not None and self.stop_file.exists():
             self.reason = f"stop file {self.stop_file}"
         due = self.rank == 0 and self.period_s > 0 and time.monotonic() - self.last_save >= self.period_s
-        flags = torch.tensor([1 if self.reason else 0, 1 if due else 0, self.rank if self.reason else -1])
-        if self.world_size > 1:
+        values = [1 if self.reason else 0, 1 if due else 0, self.rank if self.reason else -1]
+        if self.world_size > 1:  # a host tensor on gloo: no device sync (one process needs no tensor at all)
+            flags = torch.tensor(values)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        stop, due, who = (int(v) for v in flags.tolist())
+            values = flags.tolist()
+        stop, due, who = (int(v) for v in values)
         why = self.reason or (f"rank {who} was asked to stop" if stop else "")
         return bool(stop), bool(due), why
 
