@@ -128,10 +128,27 @@ def elastic(run_dir, shards, kills: str, timeout=900):
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_run(proc, run_dir)
         out, _ = proc.communicate()
         pytest.fail(f"the elastic job hung for {timeout} s:\n{out[-4000:]}")
     return proc.returncode, out
+
+
+def kill_run(proc, run_dir) -> None:
+    """The agent's process group, and the workers (torchrun starts each in a session of its own, so
+    they outlive an agent that died): the processes whose command line names this run's directory."""
+    import psutil
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if f"run.dir={run_dir}" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
 
 
 def final_weights(run_dir):
@@ -228,8 +245,7 @@ def test_a_lost_node_leaves_the_job_running_on_the_other(train_shards, tmp_path)
         assert a.wait(timeout=600) == 0, (tmp_path / "agent0.log").read_text()[-4000:]
     finally:
         for p in (a, b):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            kill_run(p, run)
         for f in logs:
             f.close()
     resumes = [e for e in read_events(run) if e["kind"] == "resume"]
