@@ -19,6 +19,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 RESTART_CODE = 75  # EX_TEMPFAIL: "try again", restarts under the elastic agent
+SIGTERM_CODE = 143  # what the default SIGTERM action would have meant (128 + 15)
 
 
 class Stopped(Exception):
@@ -62,7 +64,10 @@ class StopAgreement:
         self.stop_file = Path(stop_file) if stop_file else None
         self.period_s = save_every_minutes * 60.0
         self.last_save = time.monotonic()
+        self.last_boundary, self.step_s = time.monotonic(), 0.0
         self.reason: str | None = None  # this rank's reason to stop, set by the signal handler
+        self.agreed = threading.Event()
+        self.grace_s: float | None = None  # None: 10 s + 3 x the last step's time
         self.group = None
         if world_size > 1 and backend != "gloo":
             self.group = dist.new_group(backend="gloo")  # collective: every rank builds it at init
@@ -75,14 +80,28 @@ class StopAgreement:
                 pass
 
     def _on_sigterm(self, signum, frame) -> None:
-        # Only a flag: the step in flight finishes, then all ranks agree (below).
-        self.reason = self.reason or "SIGTERM"
+        # Only a flag: the step in flight finishes, then all ranks agree (below). But a rank blocked in
+        # a collective with a dead peer (NCCL waits for its timeout) never reaches the boundary: a timer
+        # then ends it as SIGTERM's default action would have, instead of holding the agent's restart.
+        if self.reason is None:
+            self.reason = "SIGTERM"
+            grace = self.grace_s if self.grace_s is not None else 10.0 + 3 * self.step_s
+            threading.Thread(target=self._deadline, args=(grace,), name="simscale-sigterm", daemon=True).start()
+
+    def _deadline(self, grace: float) -> None:
+        if self.agreed.wait(grace):
+            return
+        print(f"rank {self.rank}: SIGTERM, and no step boundary reached within {grace:.0f} s (another rank is gone or "
+              "stuck): stopping without a save; the newest complete checkpoint is kept", file=sys.stderr, flush=True)
+        os._exit(SIGTERM_CODE)
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
 
     def decide(self) -> tuple[bool, bool, str]:
         """(stop, save by time, why) for this step boundary; collective when distributed."""
+        now = time.monotonic()
+        self.step_s, self.last_boundary = now - self.last_boundary, now
         if self.reason is None and self.stop_file is not None and self.stop_file.exists():
             self.reason = f"stop file {self.stop_file}"
         due = self.rank == 0 and self.period_s > 0 and time.monotonic() - self.last_save >= self.period_s
@@ -92,6 +111,8 @@ class StopAgreement:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             values = flags.tolist()
         stop, due, who = (int(v) for v in values)
+        if stop:
+            self.agreed.set()  # the save that follows is not cut short by the SIGTERM timer
         why = self.reason or (f"rank {who} was asked to stop" if stop else "")
         return bool(stop), bool(due), why
 

@@ -265,3 +265,18 @@ def test_a_lost_node_leaves_the_job_running_on_the_other(train_shards, tmp_path)
     assert sorted(want) == list(range(first, 9))
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), step
+
+
+def test_a_sigterm_that_cannot_reach_a_step_boundary_still_ends_the_rank(tmp_path):
+    """A rank blocked (here: sleeping) instead of reaching the boundary: the SIGTERM timer ends it."""
+    script = ("import os, signal, time\n"
+              "from simscale.train.preemption import StopAgreement\n"
+              "s = StopAgreement(0, 1, '', 0, 'gloo'); s.grace_s = 1.0\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "time.sleep(60)\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], env=cpu_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 143, tail(proc)
+    assert "rank 0: SIGTERM, and no step boundary reached within 1 s" in proc.stderr
+    assert time.time() - t0 < 60  # it did not sleep on
