@@ -8,6 +8,8 @@ runs the ordinary CLI.
                                         that step's checkpoint
     SIMSCALE_TEST_POISON="S,..."         the loss of those steps x100 (forward and backward), on
                                         the run's first pass only (before any rollback)
+    SIMSCALE_TEST_HOLD="S:PATH"          on attempt 0, every rank waits after step S (and its
+                                        checkpoint) until PATH exists: a test acts in between
 
 Every rank appends the global sample indices of each step to RUN_DIR/indices_rank{R}.jsonl
 (`{"step", "epoch", "index"}`; a replayed step is written again, the last record wins).
@@ -58,6 +60,11 @@ class Chaos(loop.Trainer):
             yield batch
 
     def train_step(self, batches, read: bool = True):
+        hold = os.environ.get("SIMSCALE_TEST_HOLD", "")
+        if hold and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            step, path = hold.split(":", 1)
+            while self.state.step == int(step) and not os.path.exists(path):
+                time.sleep(0.2)
         m = super().train_step(batches, read)
         sig = self._kill_at.get((self.state.step, self.info.rank))
         if sig:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -137,8 +138,6 @@ def elastic(run_dir, shards, kills: str, timeout=900):
 def kill_run(proc, run_dir) -> None:
     """The agent's process group, and the workers (torchrun starts each in a session of its own, so
     they outlive an agent that died): the processes whose command line names this run's directory."""
-    import psutil
-
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -215,15 +214,16 @@ def test_chaos_under_the_elastic_launcher_equals_an_uninterrupted_run(train_shar
 
 
 # -- node loss: two elastic agents on loopback, one killed for good ------------------------------------
-def agent(run_dir, shards, port: int, host: bool, log):
+def agent(run_dir, shards, port: int, host: bool, log, hold):
     env = cpu_env(NPROC="1", NNODES="1:2", MAX_RESTARTS="3", RDZV_ENDPOINT=f"127.0.0.1:{port}", MONITOR_S="0.5",
                   RDZV_CONF=f"join_timeout=300,last_call_timeout=20,is_host={'true' if host else 'false'}",
-                  PRESET="tiny", RUN_DIR=str(run_dir), RDZV_ID="nodeloss")
-    return subprocess.Popen(["bash", str(ROOT / "launchers" / "elastic.sh"), *NODE_LOSS_ARGS(shards)], env=env,
+                  PRESET="tiny", RUN_DIR=str(run_dir), RDZV_ID="nodeloss", ENTRY="tests.train.chaos",
+                  SIMSCALE_TEST_HOLD=f"3:{hold}")
+    return subprocess.Popen(["bash", str(ROOT / "launchers" / "elastic.sh"), *node_loss_args(shards)], env=env,
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def NODE_LOSS_ARGS(shards):  # noqa: N802 - a constant that needs the shards
+def node_loss_args(shards):
     # 4 partitions: 2 per rank on two nodes, 4 on one; batch 4 is a multiple of both
     return [f"data.train={shards}", "data.num_workers=0", "data.partitions=4", "optim.batch_size=4", "optim.max_steps=8",
             "run.save_every=1", "run.keep_last=20", "log.every=1", "log.tensorboard=false"]
@@ -233,15 +233,23 @@ def NODE_LOSS_ARGS(shards):  # noqa: N802 - a constant that needs the shards
 def test_a_lost_node_leaves_the_job_running_on_the_other(train_shards, tmp_path):
     run, port = tmp_path / "run", free_port()
     logs = [open(tmp_path / f"agent{i}.log", "w") for i in (0, 1)]
-    a = agent(run, train_shards, port, True, logs[0])
-    b = agent(run, train_shards, port, False, logs[1])
+    hold = tmp_path / "go_on"  # both ranks wait after step 3 (saved) until it exists
+    a = agent(run, train_shards, port, True, logs[0], hold)
+    b = agent(run, train_shards, port, False, logs[1], hold)
     try:
         deadline = time.time() + 600
         while not (run / "checkpoints" / tag_for(3) / "COMPLETE").is_file():
             assert time.time() < deadline and a.poll() is None, (tmp_path / "agent0.log").read_text()[-3000:]
             time.sleep(0.5)
-        os.killpg(b.pid, signal.SIGKILL)  # the node is gone: its agent and its worker
+        b_worker = [c.pid for c in psutil.Process(b.pid).children(recursive=True)]
+        os.killpg(b.pid, signal.SIGKILL)  # the node is gone: its agent and its worker (a session of its own)
+        for pid in b_worker:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         b.wait()
+        hold.write_text("")
         assert a.wait(timeout=600) == 0, (tmp_path / "agent0.log").read_text()[-4000:]
     finally:
         for p in (a, b):
@@ -256,7 +264,7 @@ def test_a_lost_node_leaves_the_job_running_on_the_other(train_shards, tmp_path)
     # a 1-node resume from the same checkpoint, started by hand
     ref = tmp_path / "ref"
     proc = subprocess.run([sys.executable, "-m", "simscale", "train", "--preset", "tiny", "--resume", source,
-                           *NODE_LOSS_ARGS(train_shards), f"run.dir={ref}"],
+                           *node_loss_args(train_shards), f"run.dir={ref}"],
                           env=cpu_env(MASTER_PORT=str(free_port())), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, tail(proc)
