@@ -26,8 +26,8 @@ from simscale.train import universal
 from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
-from simscale.train.healing import Healing
 from simscale.train.ema import ShardedEMA
+from simscale.train.healing import Healing
 from simscale.train.host_memory import keep_freed_host_memory
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.resume import fingerprint_changes, global_batch_of, peek, rank_seed
