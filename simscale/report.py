@@ -173,7 +173,7 @@ def summary(records: list[dict[str, Any]], name: str, events: list[dict[str, Any
         x, y = series(records, key)
         if y:
             lines.append(f"{key}: {y[-1]:.4f} at step {x[-1]} (best {max(y):.4f})")
-    from simscale.train.events import summary_lines
+    from simscale.events import summary_lines
 
     lines += summary_lines(events or [])
     return "\n".join(lines)
@@ -185,7 +185,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[li
     out = Path(out) if out else run_dir / "report"
     records = read_metrics(run_dir)
     name = run_dir.resolve().name
-    from simscale.train.events import read_events
+    from simscale.events import read_events
 
     events = read_events(run_dir)
     files = plot(records, out, name, events)

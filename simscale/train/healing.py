@@ -5,7 +5,8 @@ reads losses; everything else lives here.
 """
 from __future__ import annotations
 
-from simscale.train import events, preemption, spike
+from simscale import events
+from simscale.train import preemption, spike
 from simscale.train.checkpoint import tag_for
 from simscale.train.watchdog import on_failure_line, set_resume_hint
 
@@ -21,12 +22,12 @@ class Healing:
                                              cfg.run.save_every_minutes, info.backend)
         self.command = preemption.resume_command(cfg.preset, self.run_dir)
         if info.is_main:
-            plan = getattr(trainer, "plan", None)
-            events.note_start(self.run_dir, info.world_size, "fresh" if plan is None else str(plan.tag_dir))
-            if plan is not None:
-                events.record(self.run_dir, "resume", checkpoint=str(plan.tag_dir), step=trainer.state.step,
-                              world_size=info.world_size, saved_world_size=plan.meta.get("world_size"),
-                              changes=list(getattr(trainer, "_changes", []) or []))
+            found = trainer.plan.resumed  # resume.prepare's choice (None: a fresh start)
+            events.note_start(self.run_dir, info.world_size, "fresh" if found is None else str(found.tag_dir))
+            if found is not None:
+                events.record(self.run_dir, "resume", checkpoint=str(found.tag_dir), step=trainer.state.step,
+                              world_size=info.world_size, saved_world_size=found.meta.get("world_size"),
+                              changes=list(found.changes))
         on_failure_line(self._failed)
         set_resume_hint(lambda: f"at step {self.t.state.step}; resume with: {self.command}")
 

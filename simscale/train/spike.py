@@ -67,7 +67,7 @@ def rollback_target(ckpt, first_bad: int) -> Path | None:
 def rollback(trainer, tag_dir: Path) -> dict[str, Any]:
     """Reload `tag_dir` into the running trainer, keep the data position it had reached; returns the
     skipped range as {from: [epoch, sample], to: [epoch, sample]} in the epochs' global sample order."""
-    from simscale.train.loop import LoopState, _set_rng
+    from simscale.train.loop_state import LoopState, set_rng
 
     reached = (trainer.state.epoch, trainer.state.samples_in_epoch)
     rollbacks = trainer.state.rollbacks
@@ -75,7 +75,7 @@ def rollback(trainer, tag_dir: Path) -> dict[str, Any]:
     trainer.ema.load_state_dict(saved["ema"])
     defaults = dataclasses.asdict(LoopState())
     trainer.state = LoopState(**{k: v for k, v in saved["loop"].items() if k in defaults})
-    _set_rng(saved["rng"])
+    set_rng(saved["rng"])
     skipped = {"from": [trainer.state.epoch, trainer.state.samples_in_epoch], "to": list(reached)}
     trainer.state.epoch, trainer.state.samples_in_epoch = reached
     trainer.state.rollbacks = rollbacks + 1

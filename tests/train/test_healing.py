@@ -29,7 +29,7 @@ import torch
 from simscale.report import write_report
 from simscale.train.checkpoint import tag_for
 from simscale.train.ema import consolidate
-from simscale.train.events import read_events
+from simscale.events import read_events
 from simscale.train.rank_state import load_ema
 from simscale.train.weights_only import weights_only_loads
 from tests.distrun import ROOT, cpu_env, free_port, tail
