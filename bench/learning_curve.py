@@ -9,7 +9,10 @@ the raw pixels after the same eval transform).
 A variant is NAME:override;override;... (simscale config overrides on top of `--base`, which
 defaults to the quickstart's recipe). Each variant trains in this process (world size 1, one
 DeepSpeed engine after the other) with the online k-NN monitor on; results go to OUT/curves.json
-(appended per variant, so a long study can be run in pieces) and OUT/curves.png.
+(appended per variant, so a long study can be run in pieces) and OUT/curves.png. Both readouts
+(class token and mean patch token) are recorded; `online` is the one `model.pool` exports.
+Sanity baselines on the same encoder, data and trainer (bench/baselines.py): `method=simclr` or
+`method=mae` in a variant's overrides, e.g. `--variant simclr:method=simclr`.
 Data: Fashion-MNIST from Debian's dataset-fashion-mnist (`fmnist`), or scikit-learn's handwritten
 digits upscaled to 32 px (`digits`, a second labelled set the recipe was not tuned on).
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # bench/baselines.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -79,8 +83,17 @@ def raw_pixel_knn(train: str, val: str, img_size: int) -> float:
 
 
 def run_variant(name: str, overrides: list[str], out: Path, info) -> dict:
+    """Trains one variant. `method=simclr|mae` among the overrides (not a config key) trains a
+    sanity baseline of bench/baselines.py instead of SIM, through the same Trainer."""
+    from unittest import mock
+
     from simscale.config import build_config
     from simscale.train.loop import Trainer
+
+    method = "sim"
+    for o in [o for o in overrides if o.startswith("method=")]:
+        method = o.partition("=")[2]
+        overrides = [x for x in overrides if x != o]
 
     run_dir = out / "runs" / name
     if run_dir.exists():
@@ -90,16 +103,24 @@ def run_variant(name: str, overrides: list[str], out: Path, info) -> dict:
                                           "log.tensorboard=false"])
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume="none", dist_info=info)
+    if method == "sim":
+        trainer = Trainer(cfg, resume="none", dist_info=info)
+    else:
+        from baselines import METHODS
+
+        with mock.patch("simscale.model.sim.SIM", METHODS[method]):  # the class the Trainer builds
+            trainer = Trainer(cfg, resume="none", dist_info=info)
     trainer.fit()
     seconds = time.perf_counter() - t0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [r for r in records if "knn_online_top1" in r]
     losses = [r["loss"] for r in records if "loss" in r]
-    return {"name": name, "overrides": overrides, "seconds": seconds,
+    other = "avg" if cfg.model.pool == "token" else "token"
+    return {"name": name, "method": method, "overrides": overrides, "seconds": seconds, "pool": cfg.model.pool,
             "eval_seconds": sum(r["eval_time"] for r in curve),
             "steps": [r["step"] for r in curve],
             "online": [r["knn_online_top1"] for r in curve],
+            f"online_{other}": [r.get(f"knn_online_{other}_top1") for r in curve],
             "target": [r.get("knn_target_top1") for r in curve],
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
@@ -161,7 +182,9 @@ def main() -> None:
         name, _, over = spec.partition(":")
         r = run_variant(name, base + [o for o in over.split(";") if o], out, info)
         results["variants"][name] = r
-        print(f"{name}: online {' '.join(f'{v:.1f}' for v in r['online'])} | target "
+        other = [k for k in r if k.startswith("online_")][0]
+        print(f"{name}: online ({r['pool']}) {' '.join(f'{v:.1f}' for v in r['online'])} | {other} "
+              f"{' '.join(f'{v:.1f}' for v in r[other] if v is not None)} | target "
               f"{' '.join(f'{v:.1f}' for v in r['target'] if v is not None)} | {r['seconds']:.0f} s "
               f"(eval {r['eval_seconds']:.1f} s) loss {r['loss_first']:.3f}->{r['loss_last']:.3f}", flush=True)
         summary_path.write_text(json.dumps(results, indent=1))

@@ -47,6 +47,9 @@ class ModelConfig:
     projector_depth: int = key(2, "projector blocks", "[0, inf)")
     predictor_depth: int = key(4, "predictor blocks", "[0, inf)")
     decoder_norm: str = key("bn", '"bn" (BatchNorm over tokens, synced across ranks) or "ln"', choices=("bn", "ln"))
+    # Off: only the class token and the view-B queries reach the predictor (an ablation,
+    # bench/RESULTS.md "Learning at 32 px", issue 20).
+    predictor_visible: bool = key(True, "the predictor's input holds the visible view-A tokens (the release)")
     # "ema": momentum target encoder (the method); "pixel": raw-pixel target ablation.
     target: str = key("ema", "'ema': momentum target encoder (the method); 'pixel': raw-pixel target ablation",
                       choices=("ema", "pixel"))

@@ -64,6 +64,7 @@ class Predictor(nn.Module):
         self.rel_proj = nn.Linear(2 * m.decoder_dim, m.decoder_dim)
         self.blocks = decoder_blocks(m, m.predictor_depth)
         self.head = nn.Linear(m.decoder_dim, out_dim)
+        self.visible = m.predictor_visible
 
     def forward(self, z: Tensor, ids_keep: Tensor, geometry: Tensor) -> Tensor:
         """z [B, 1+V, D] projected tokens, ids_keep [B, V] their A positions, geometry [B, 6]
@@ -73,7 +74,8 @@ class Predictor(nn.Module):
         rel = relative_pos_embed(geometry, self.dim, self.grid).to(z.dtype)
         queries = self.mask_token.to(z.dtype) + self.rel_proj(rel)
         n = queries.shape[1]
-        x = torch.cat([z[:, :1], z[:, 1:] + pe, queries.to(z.dtype)], dim=1)
+        parts = [z[:, :1], z[:, 1:] + pe] if self.visible else [z[:, :1]]
+        x = torch.cat([*parts, queries.to(z.dtype)], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.head(x[:, -n:])

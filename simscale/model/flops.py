@@ -36,7 +36,8 @@ def forward_flops_breakdown(cfg: Config) -> dict[str, int]:
         "online_patch_embed": patch,
         "online_encoder": 2 * m.depth * block_macs(1 + visible, e, enc_hidden),
         "projector": 2 * ((1 + visible) * e * d + m.projector_depth * block_macs(1 + visible, d, dec_hidden)),
-        "predictor": 2 * (m.predictor_depth * block_macs(1 + visible + n, d, dec_hidden) + n * d * out_dim),
+        "predictor": 2 * (m.predictor_depth * block_macs(1 + visible * m.predictor_visible + n, d, dec_hidden)
+                          + n * d * out_dim),
         "relative_embed": 2 * n * 2 * d * d,
         "target": 0,
     }

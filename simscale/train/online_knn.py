@@ -64,11 +64,18 @@ def load_split(spec: str, img_size: int, limit: int, rank: int, world: int,
     return own_x.contiguous(), own_y, total
 
 
-def pooled(encoder: nn.Module, images: Tensor, pool: str = "token") -> Tensor:
-    """The exported timm model's pre-logits (no final norm in the release): the class token, or
-    for `model.pool=avg` the mean of the patch tokens (timm's avg pool skips the class token)."""
-    tokens = encoder(images)
+POOLS = ("token", "avg")
+
+
+def pool_tokens(tokens: Tensor, pool: str = "token") -> Tensor:
+    """[B, 1+N, C] -> [B, C]: the class token, or the mean of the patch tokens (timm's avg pool
+    skips the class token)."""
     return tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(1)
+
+
+def pooled(encoder: nn.Module, images: Tensor, pool: str = "token") -> Tensor:
+    """The exported timm model's pre-logits (no final norm in the release) for `model.pool`."""
+    return pool_tokens(encoder(images), pool)
 
 
 class OnlineKNN:
@@ -83,13 +90,15 @@ class OnlineKNN:
                                                         self.rank, self.world, io)
 
     @torch.no_grad()
-    def _features(self, encoder: nn.Module, images: Tensor) -> Tensor:
-        out = []
+    def _features(self, encoder: nn.Module, images: Tensor) -> dict[str, Tensor]:
+        """Both readouts from one forward: {pool: [n, C]}."""
+        out: dict[str, list[Tensor]] = {p: [] for p in POOLS}
         bs = self.cfg.batch_size
         for s in range(0, len(images), bs):  # same count on every rank (equal padded shares)
-            x = images[s:s + bs].to(self.device, self.dtype, non_blocking=True)
-            out.append(pooled(encoder, x, self.pool).float())
-        return torch.cat(out)
+            tokens = encoder(images[s:s + bs].to(self.device, self.dtype, non_blocking=True))
+            for p in POOLS:
+                out[p].append(pool_tokens(tokens, p).float())
+        return {p: torch.cat(v) for p, v in out.items()}
 
     def _gather(self, t: Tensor) -> Tensor:
         if self.world == 1:
@@ -98,23 +107,33 @@ class OnlineKNN:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
-    def _top1(self, encoder: nn.Module) -> float:
+    def _top1(self, encoder: nn.Module) -> dict[str, float]:
+        """{pool: percent} for both readouts."""
         was = encoder.training
         encoder.eval()
         try:
-            tf = self._gather(self._features(encoder, self.train_x))
-            vf = self._gather(self._features(encoder, self.val_x))
+            tf = self._features(encoder, self.train_x)
+            vf = self._features(encoder, self.val_x)
         finally:
             encoder.train(was)
         ty, vy = self._gather(self.train_y.to(self.device)), self._gather(self.val_y.to(self.device))
         tk, vk = ty >= 0, vy >= 0  # drop the padding rows
         n_classes = int(max(ty.max(), vy.max())) + 1
-        return 100.0 * knn_top1(tf[tk].cpu(), ty[tk].cpu(), vf[vk].cpu(), vy[vk].cpu(), self.cfg.k,
-                                self.cfg.temperature, n_classes)
+        return {p: 100.0 * knn_top1(self._gather(tf[p])[tk].cpu(), ty[tk].cpu(), self._gather(vf[p])[vk].cpu(),
+                                    vy[vk].cpu(), self.cfg.k, self.cfg.temperature, n_classes)
+                for p in POOLS}
 
     def evaluate(self, encoders: dict[str, nn.Module]) -> dict[str, float]:
-        """{'knn_<name>_top1': percent, ..., 'eval_time': s}; collective: every rank calls it."""
+        """{'knn_<name>_top1': percent of the exported readout (`model.pool`), 'knn_<name>_<other
+        pool>_top1': the other readout (monitored, not exported), ..., 'eval_time': s};
+        collective: every rank calls it."""
         t0 = time.perf_counter()
-        out = {f"knn_{name}_top1": self._top1(enc) for name, enc in encoders.items()}
+        out = {}
+        for name, enc in encoders.items():
+            top1 = self._top1(enc)
+            out[f"knn_{name}_top1"] = top1[self.pool]
+            for p in POOLS:
+                if p != self.pool:
+                    out[f"knn_{name}_{p}_top1"] = top1[p]
         out["eval_time"] = time.perf_counter() - t0
         return out

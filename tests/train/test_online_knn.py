@@ -42,6 +42,19 @@ def test_monitor_equals_eval_knn_on_the_exported_encoder(run, train_shards, enco
     assert 100 * knn_top1(feats, labels, feats, labels) == pytest.approx(last[f"knn_{encoder}_top1"], abs=1e-6)
 
 
+@pytest.mark.parametrize("encoder", ["online", "target"])
+def test_monitor_also_scores_the_other_readout_as_timm_pools_it(run, train_shards, encoder):
+    """`model.pool` is exported; the other readout (class token / mean patch token) is monitored
+    beside it and equals timm's other global_pool on the same export."""
+    records = [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "knn_online_top1" in r][-1]
+    model = load_encoder(run / encoder)
+    other = "avg" if model.global_pool == "token" else "token"
+    model.reset_classifier(0, global_pool=other)
+    feats, labels = extract_features(model, str(train_shards), workers=0)
+    assert 100 * knn_top1(feats, labels, feats, labels) == pytest.approx(last[f"knn_{encoder}_{other}_top1"], abs=1e-6)
+
+
 def test_raw_pixel_baseline_from_the_cli(train_shards):
     proc = simscale_cli(["eval", "knn", "--pixels", "--img-size", "32", "--train", str(train_shards),
                          "--val", str(train_shards)])
