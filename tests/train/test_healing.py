@@ -160,7 +160,7 @@ def final_weights(run_dir):
 @pytest.mark.slow
 @pytest.mark.skip(reason="issue 23 open: after a SIGKILL the restarted attempt failed in gloo's connectFullMesh "
                   "(connection refused / hang) in both tries on a loaded machine; cause not found. "
-                  "Run it by hand: pytest --runxfail is not enough, remove this mark")
+                  "Remove this mark to run it.")
 def test_chaos_under_the_elastic_launcher_equals_an_uninterrupted_run(train_shards, tmp_path):
     seed = int(os.environ.get("SIMSCALE_CHAOS_SEED", random.randrange(1000)))
     rng = random.Random(seed)
