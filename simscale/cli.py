@@ -90,7 +90,7 @@ def _add_import(sub) -> None:
     o.add_argument("--start-step", type=int, default=0, help="step (and lr/momentum schedule) to continue at")
     o.add_argument("--num-heads", type=int, default=None, help="fine-tuned: attention heads, if not ViT-S/B/L/H")
     o.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    o.set_defaults(module="simscale.official.cli", issue=25)
+    o.set_defaults(module="simscale.official.cli", issue=25, late_overrides=True)
 
 
 def _add_report(sub) -> None:
@@ -159,7 +159,14 @@ def build_parser() -> RichParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `import official CKPT --out D k=v`: argparse binds CKPT and the (then empty) overrides together,
+    # so key=value items after the options come back unrecognised; they are the overrides.
+    if extra and getattr(args, "late_overrides", False) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         try:
             module = importlib.import_module(args.module)
