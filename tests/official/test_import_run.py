@@ -117,3 +117,30 @@ def test_continue_on_two_ranks_zero2_then_resume_on_one(imported, train_shards, 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000004")
     assert torch.equal(sd["online.encoder.patch_embed.proj.weight"], official["patch_embed.proj.weight"])
     assert not torch.equal(sd["online.encoder.blocks.0.attn.qkv.weight"], official["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "fp32")])
+def test_import_keeps_exact_fp32_weights_on_other_stages_and_precisions(imported, tmp_path, stage, precision):
+    """A bf16 engine's optimizer master and the EMA master hold the official fp32 values, not a bf16
+    round trip; ZeRO-3 partitions them (one rank) the same way."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from simscale.train.ema import consolidate
+    from simscale.train.rank_state import load_ema
+    from simscale.train.weights_only import weights_only_loads
+
+    root, official = imported
+    proc = simscale_cli(["import", "official", str(root / "micro.pth"), "--out", str(tmp_path / "run"), "--preset",
+                         "tiny", f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", *COMMON])
+    assert proc.returncode == 0, tail(proc)
+    tag = tmp_path / "run" / "checkpoints" / "step_00000000"
+    with weights_only_loads():
+        online = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    target = consolidate([load_ema(tag, 0)])
+    for name in ("blocks.1.mlp.fc1.weight", "decoder_embed.bias", "projector_decoder_blocks.1.norm2.bn.weight"):
+        ours = name.replace("blocks.1.", "encoder.blocks.1.", 1) if name.startswith("blocks") else name
+        ours = ours.replace("decoder_embed", "projector.proj").replace("projector_decoder_blocks", "projector.blocks")
+        ours = ours.replace(".bn.", ".")
+        assert torch.equal(online[f"online.{ours}"], official[name]), name
+        assert torch.equal(target[ours], official[f"mm_{name}"]), name
+    assert torch.equal(online["predictor.rel_proj.weight"], official["decoder_pos_mlp.weight"])
