@@ -141,6 +141,7 @@ def _add_eval(sub) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, accelerator and presets")
+    p.add_argument("--keys", action="store_true", help="every config key: type, default, allowed values, meaning")
     p.set_defaults(module="simscale.info", issue=2)
 
 
@@ -188,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                       "fix it and rerun", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
+        from simscale.train import watchdog  # a training run names its step and the resume command
+
+        line = watchdog.interrupted_line(watchdog.current_phase()) if watchdog.has_resume_hint() else "interrupted"
+        console.print(f"[yellow]{line}[/yellow]", highlight=False, soft_wrap=True)
         return 130
 
 

@@ -23,7 +23,7 @@ from simscale.errors import SimscaleError
 
 def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy every named parameter and buffer (gathered under ZeRO-3, whose world here is one rank)."""
-    from simscale.train.zero import gathered
+    from simscale.zero import gathered
 
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
@@ -43,7 +43,8 @@ def write_run(cfg: Config, tensors: dict[str, torch.Tensor], start_step: int, so
     from simscale.train.distributed import init_distributed
     from simscale.train.ds_config import build_ds_config
     from simscale.train.ema import ShardedEMA
-    from simscale.train.loop import LoopState, param_groups
+    from simscale.train.loop import param_groups
+    from simscale.train.loop_state import LoopState
 
     info = init_distributed(cfg.run.collective_timeout_s)
     if info.world_size != 1:
