@@ -1,4 +1,4 @@
-"""The `simscale` command: prepare, train, report, export, eval, info.
+"""The `simscale` command: prepare, train, import, report, export, eval, info.
 
 The CLI only parses arguments and dispatches; each stage lives in its own module and is
 imported lazily, so `simscale info` and `--help` stay fast and never touch DeepSpeed.
@@ -78,6 +78,21 @@ def _add_train(sub) -> None:
     p.set_defaults(module="simscale.train.run", issue=5)
 
 
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="start from the released SIM checkpoints (official .pth files)")
+    isub = p.add_subparsers(dest="source", required=True, parser_class=RichParser)
+    o = isub.add_parser("official", help="OpenGVLab/Siamese-Image-Modeling: pretrained -> a run dir to "
+                        "continue, fine-tuned -> a timm export")
+    o.add_argument("checkpoint", metavar="CKPT", help="e.g. sim_base_1600ep_pretrain.pth")
+    o.add_argument("--out", required=True, help="new run.dir (pretrained) or export directory (fine-tuned)")
+    o.add_argument("--preset", default="vit_b16", help="the model the checkpoint is (vit_b16 for the release)")
+    o.add_argument("--config", default=None, help="YAML file with config overrides, as for train")
+    o.add_argument("--start-step", type=int, default=0, help="step (and lr/momentum schedule) to continue at")
+    o.add_argument("--num-heads", type=int, default=None, help="fine-tuned: attention heads, if not ViT-S/B/L/H")
+    o.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    o.set_defaults(module="simscale.official.cli", issue=25, late_overrides=True)
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="plots (PNG) and a text summary of a run's metrics.jsonl",
                        description="Plot loss (with its align/uniform terms), lr and momentum, images/s and "
@@ -139,13 +154,20 @@ def build_parser() -> RichParser:
     # comes from the environment (LOCAL_RANK) anyway, so accept and ignore it here.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=RichParser)
-    for add in (_add_prepare, _add_train, _add_report, _add_export, _add_eval, _add_info):
+    for add in (_add_prepare, _add_train, _add_import, _add_report, _add_export, _add_eval, _add_info):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `import official CKPT --out D k=v`: argparse binds CKPT and the (then empty) overrides together,
+    # so key=value items after the options come back unrecognised; they are the overrides.
+    if extra and getattr(args, "late_overrides", False) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         try:
             module = importlib.import_module(args.module)

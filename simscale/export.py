@@ -151,16 +151,17 @@ def export(run_dir: str | Path, out: str | Path, encoder: str = "online", step: 
     return write_timm(cfg, to_timm_state_dict(cfg, enc), out, tag="init" if init else encoder)
 
 
-def write_timm(cfg: Config, sd: dict[str, torch.Tensor], out: Path, tag: str) -> Path:
+def write_timm(cfg: Config, sd: dict[str, torch.Tensor], out: Path, tag: str, model_args: dict | None = None) -> Path:
+    """`model_args`: timm's arguments when they are not the run's encoder (an imported classifier)."""
     import timm
     from timm.models import save_for_hf
 
-    args = timm_model_args(cfg)
+    args = model_args or timm_model_args(cfg)
     model = timm.create_model(cfg.model.arch, pretrained=False, **args)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise SimscaleError(f"checkpoint does not map onto timm's {cfg.model.arch}: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]} (a bug: please report it)")
+                            f"unexpected {unexpected[:3]} ({'a bug: please report it' if model_args is None else 'not a models_vit ViT'})")
     out.mkdir(parents=True, exist_ok=True)
     # Our preprocessing, not the one of timm's default weights for this architecture name.
     data = preprocessing(cfg)

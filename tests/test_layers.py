@@ -18,7 +18,7 @@ LAYERS = [
     ("data, model, loss", ["simscale.data", "simscale.model", "simscale.loss", "simscale.knn", "simscale.report",
                            "simscale.events"]),  # events.py: the run ledger train writes and report reads
     ("train", ["simscale.train"]),
-    ("eval, export, info", ["simscale.eval", "simscale.export", "simscale.info"]),
+    ("eval, export, info", ["simscale.eval", "simscale.export", "simscale.info", "simscale.official"]),
     ("cli", ["simscale.cli", "simscale.__main__"]),
 ]
 

@@ -161,9 +161,9 @@ def _model_states_file(udir: Path) -> Path:
 
 def load_engine(engine, udir: Path) -> None:
     """Model weights and Adam state through DeepSpeed's universal loading (the engine was built
-    with `load_universal`), then the module's buffers (BatchNorm statistics), which DeepSpeed's
-    universal path leaves at their init. Frozen parameters need nothing: the EMA target is
-    restored from simscale's state, and a frozen online patch embedding never left its init."""
+    with `load_universal`), then the module's buffers (BatchNorm statistics) and frozen parameters,
+    which DeepSpeed's universal path leaves at their init (the EMA target is then restored from
+    simscale's state; the frozen online patch embedding comes from the saved module)."""
     from deepspeed.utils import logger as ds_logger
 
     level = ds_logger.level
@@ -180,7 +180,13 @@ def load_engine(engine, udir: Path) -> None:
     if path is None:
         raise CheckpointError(f"DeepSpeed found nothing to load in '{udir}': delete it to convert again")
     own = dict(engine.module.named_buffers())
-    buffers = {k: v for k, v in (saved.get("module") or {}).items() if k in own}
+    # Frozen whole parameters too (ZeRO-1/2): DeepSpeed's universal load leaves them at their init, and an
+    # imported run's frozen patch embedding is not its init (`simscale import`). Target weights are
+    # overwritten by the EMA restore right after.
+    frozen = {k: p for k, p in engine.module.named_parameters() if not p.requires_grad and not hasattr(p, "ds_id")}
+    own.update(frozen)
+    buffers = {k: v for k, v in (saved.get("module") or {}).items()
+               if k in own and (k not in frozen or v.shape == frozen[k].shape)}
     with torch.no_grad():
         for k, v in buffers.items():
             own[k].copy_(v.to(own[k].device, own[k].dtype))
