@@ -69,7 +69,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="SIM pretraining on every rank (start it with deepspeed/torchrun)",
                        description="Train SIM. Configuration: --preset, then --config YAML, then "
                        "key.sub=value overrides, e.g. run.dir=runs/x optim.batch_size=128.")
-    p.add_argument("--preset", default="vit_b16", help="tiny, vit_s16, vit_b16, vit_l16, vit_h14, vit_g14")
+    p.add_argument("--preset", default=None, help="tiny, vit_s16, vit_b16, vit_l16, vit_h14, vit_g14 "
+                   "(default: the --config file's `preset:`, else vit_b16)")
     p.add_argument("--config", default=None, help="YAML file with config overrides")
     p.add_argument("--resume", default="auto",
                    help="'auto' (newest complete checkpoint in run.dir), 'none', or a checkpoint dir")

@@ -30,7 +30,7 @@ def fake_bin(tmp_path: Path, **programs: str) -> Path:
 
 def launch(script: str, *args: str, path_prefix: Path | None = None, dry: bool = True, **env: str):
     base = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "OMP_NUM_THREADS")}
-    base.update(PRESET="tiny", **env)
+    base.update({"PRESET": "tiny", **env})
     if dry:
         base["DRY_RUN"] = "1"
     if path_prefix:
@@ -212,3 +212,8 @@ def test_accelerate_command_is_valid_for_accelerate_launch():
     assert torchrun.module and torchrun.training_script == "simscale"
     assert torchrun.training_script_args == [*TRAIN, "deepspeed.zero_stage=2", "deepspeed.precision=bf16",
                                              *OVERRIDES]
+
+
+def test_without_preset_the_config_files_preset_applies():
+    cmd = command("single_node.sh", NPROC="1", PRESET="", CONFIG="c.yaml")
+    assert "--preset" not in cmd and cmd[cmd.index("train"):][:5] == ["train", "--resume", "auto", "--config", "c.yaml"]
