@@ -12,13 +12,13 @@ import errno
 import importlib
 import sys
 
-from rich.console import Console
+from simscale.console import make_console
 from rich.panel import Panel
 from rich.text import Text
 
 from simscale.errors import SimscaleError
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR,
                 errno.EISDIR, errno.EEXIST}
 
@@ -27,7 +27,7 @@ class RichParser(argparse.ArgumentParser):
     """argparse with its help rendered through rich (a panel, highlighted flags)."""
 
     def print_help(self, file=None) -> None:  # noqa: ARG002 - rich picks the stream
-        out = Console()
+        out = make_console()
         out.print(Panel(Text(self.format_help().rstrip()), title=f"[bold]{self.prog}", expand=False))
 
     def error(self, message: str) -> None:  # one line, then the usage hint
@@ -120,6 +120,8 @@ def _add_eval(sub) -> None:
         if name == "knn":
             e.add_argument("--k", type=int, default=20)
             e.add_argument("--temperature", type=float, default=0.07)
+            e.add_argument("--json", default=None, metavar="FILE",
+                           help="also write the result ({\"top1\": percent, ...}) to FILE")
         else:
             e.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the probe")
         e.set_defaults(module=f"simscale.eval.{name}", issue=6)

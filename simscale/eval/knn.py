@@ -6,6 +6,9 @@ Validation is processed in batches, so memory is O(batch x N_train), never N_val
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +62,7 @@ def knn_top1(
 
 
 def cli_main(args) -> int:
-    from rich.console import Console
+    from simscale.console import make_console
     from rich.table import Table
 
     from simscale.eval.features import encode_splits
@@ -72,5 +75,8 @@ def cli_main(args) -> int:
         table.add_column(col, justify="right")
     table.add_row(str(args.k), f"{args.temperature:g}", f"{100 * top1:.2f}", str(len(train_f)),
                   str(len(val_f)), str(n_classes))
-    Console().print(table)
+    make_console().print(table)
+    if getattr(args, "json", None):  # for scripts (the quickstart's closing line reads three of these)
+        Path(args.json).write_text(json.dumps({"top1": round(100 * top1, 2), "what": what, "k": args.k,
+                                               "n_train": len(train_f), "n_val": len(val_f)}) + "\n")
     return 0
