@@ -5,7 +5,7 @@ import importlib.metadata as md
 import os
 import platform
 
-from rich.console import Console
+from simscale.console import make_console
 from rich.table import Table
 
 from simscale.config import PRESETS, build_config
@@ -30,7 +30,7 @@ def accelerator_line() -> str:
 
 
 def cli_main(args) -> int:  # noqa: ARG001 - no options
-    console = Console()
+    console = make_console()
     versions = Table(title="simscale info", show_header=True)
     versions.add_column("package")
     versions.add_column("version")
