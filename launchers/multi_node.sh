@@ -35,7 +35,8 @@ slots=$(awk '!/^[[:space:]]*(#|$)/ {for (i = 2; i <= NF; i++) if ($i ~ /^slots=/
 simscale_env "${NPROC:-${slots:-1}}"
 train_args "$@"
 
-cmd=(deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+# --log_level warning: the launcher's INFO lines off, its hostfile and node warnings kept.
+cmd=(deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --log_level warning)
 if [[ -n ${NNODES:-} ]]; then cmd+=(--num_nodes "$NNODES"); fi
 if [[ -n ${NPROC:-} ]]; then cmd+=(--num_gpus "$NPROC"); fi
 if [[ -n ${NODE_RANK:-} ]]; then

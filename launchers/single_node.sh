@@ -24,5 +24,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 simscale_env "$NPROC"
 train_args "$@"
 
-run deepspeed --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank \
+# --log_level error: the launcher's INFO lines (its command, CUDA_VISIBLE_DEVICES) and its warning
+# that there is no hostfile (one node needs none) read as failures; simscale prints its own summary.
+run deepspeed --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT" --log_level error --no_local_rank \
     --module simscale "${TRAIN_ARGS[@]}"

@@ -79,7 +79,7 @@ def test_scripts_document_their_variables_and_are_strict(name):
 def test_single_node_command():
     cmd = command("single_node.sh", *OVERRIDES, NPROC="4", MASTER_PORT="29611")
     assert cmd == ["deepspeed", "--num_nodes", "1", "--num_gpus", "4", "--master_port", "29611",
-                   "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
+                   "--log_level", "error", "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
 
 
 def test_run_dir_and_config_become_train_arguments():
@@ -108,7 +108,7 @@ def test_multi_node_ssh_mode(tmp_path):
     hosts.write_text("# cluster\nnode-a slots=8\nnode-b slots=8\n")
     cmd = command("multi_node.sh", *OVERRIDES, HOSTFILE=str(hosts))
     assert cmd == ["deepspeed", "--hostfile", str(hosts), "--master_addr", "node-a", "--master_port", "29500",
-                   "--launcher", "pdsh", "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
+                   "--log_level", "warning", "--launcher", "pdsh", "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
 
 
 def test_multi_node_no_ssh_mode(tmp_path):
@@ -117,7 +117,7 @@ def test_multi_node_no_ssh_mode(tmp_path):
     cmd = command("multi_node.sh", "a=1", HOSTFILE=str(hosts), NODE_RANK="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT="29700", NNODES="2", NPROC="1")
     assert cmd == ["deepspeed", "--hostfile", str(hosts), "--master_addr", "127.0.0.1", "--master_port", "29700",
-                   "--num_nodes", "2", "--num_gpus", "1", "--no_ssh", "--node_rank", "1", "--no_local_rank",
+                   "--log_level", "warning", "--num_nodes", "2", "--num_gpus", "1", "--no_ssh", "--node_rank", "1", "--no_local_rank",
                    "--module", "simscale", *TRAIN, "a=1"]
 
 
@@ -167,7 +167,7 @@ def test_slurm_runs_one_launcher_per_node_with_its_rank(tmp_path):
     for node_rank, cmd in enumerate(lines):
         assert cmd == ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
                        "--master_addr", "gpu-01", "--master_port", "29999", "--num_gpus", "8",
-                       "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
+                       "--log_level", "warning", "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
     assert len(lines) == 2
 
 
