@@ -5,7 +5,7 @@
 #
 # Variables (environment):
 #   NPROC        processes on this node (default: GPUs from nvidia-smi, 1 without GPUs)
-#   PRESET       simscale preset (default: CONFIG's `preset:`, else vit_b16): tiny, vit_s16, vit_b16, vit_l16, vit_h14, vit_g14
+#   PRESET       simscale preset (default: CONFIG's `preset:`, else vit_b16): tiny, vit_s16, vit_b16, ...
 #   CONFIG       optional YAML with config overrides (--config)
 #   RESUME       auto (default) | none | a checkpoint directory (--resume)
 #   RUN_DIR      run directory (passed as run.dir=...; default: the config's run.dir)

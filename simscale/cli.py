@@ -12,10 +12,11 @@ import errno
 import importlib
 import sys
 
-from simscale.console import make_console
 from rich.panel import Panel
 from rich.text import Text
 
+from simscale.accelerator import default_to_cpu_without_gpu
+from simscale.console import make_console
 from simscale.errors import SimscaleError
 
 console = make_console(stderr=True)
@@ -148,6 +149,7 @@ def build_parser() -> RichParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    default_to_cpu_without_gpu()  # before any DeepSpeed import: no "unable to detect" warning on CPU
     try:
         try:
             module = importlib.import_module(args.module)

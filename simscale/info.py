@@ -5,10 +5,10 @@ import importlib.metadata as md
 import os
 import platform
 
-from simscale.console import make_console
 from rich.table import Table
 
 from simscale.config import PRESETS, build_config
+from simscale.console import make_console
 
 PACKAGES = ("simscale", "torch", "torchvision", "timm", "deepspeed", "webdataset", "accelerate", "rich")
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from simscale.console import make_console
 
 from simscale.checksum import ALGORITHM, file_digest
+from simscale.console import make_console
 from simscale.errors import CheckpointError
 from simscale.train.rank_state import load_rank_state, save_rank_state
 from simscale.train.weights_only import weights_only_loads

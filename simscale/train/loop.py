@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from simscale.accelerator import device_line
 from simscale.config import Config, resolve_lr, save_yaml, to_dict
 from simscale.data.partitions import auto_partitions, partition_problem
 from simscale.errors import CheckpointError, SimscaleError
@@ -152,7 +153,8 @@ class Trainer:
 
             self.knn = OnlineKNN(self.cfg.eval, self.cfg.model.img_size, self.info.device, dtype,
                                  self.cfg.model.pool)
-        self.sink.print(f"simscale: {self.cfg.preset}, world {self.info.world_size} ({self.info.backend}), "
+        where = device_line(self.info.device.type, self.info.world_size, self.info.backend)
+        self.sink.print(f"simscale: {self.cfg.preset} on {where}, "
                         f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
                         f"{self.schedule.total_steps} steps of global batch "
                         f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from simscale.console import make_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from simscale.console import make_console
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices report achieved FLOP/s only.
 PEAK_BF16_FLOPS = {

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from simscale.console import make_console
-
 from simscale.errors import SimscaleError
 
 console = make_console(stderr=True)
