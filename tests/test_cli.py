@@ -73,3 +73,21 @@ def test_without_a_gpu_deepspeed_is_told_cpu_before_it_guesses_and_warns(tmp_pat
             "import deepspeed\nprint('DS', os.environ.get('DS_ACCELERATOR'))")
     r = _in_a_fresh_python(code, PATH=str(tmp_path))
     assert "DS cpu" in r.stdout and "unable to detect" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_redirected_output_has_no_escape_codes_and_no_hard_wrap(tmp_path):
+    # FORCE_COLOR is what CI systems set for other tools; a log file still gets plain text.
+    from tests.conftest import load_images_module
+    from tests.distrun import cpu_env
+
+    load_images_module().class_folders(tmp_path / "src", per_class=1)
+    out = tmp_path / ("a_long_folder_name_" * 4) / "shards"
+    env = cpu_env(FORCE_COLOR="1", COLUMNS="")
+    env.pop("COLUMNS")
+    r = subprocess.run([sys.executable, "-m", "simscale", "prepare", str(tmp_path / "src"), "--out", str(out),
+                        "--workers", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout + r.stderr
+    assert "\x1b" not in text
+    wrote = [line for line in text.splitlines() if line.startswith("wrote 3 images")]
+    assert len(wrote) == 1 and len(wrote[0]) > 80 and wrote[0].endswith("resumed)"), text
