@@ -230,7 +230,7 @@ def test_a_user_error_under_the_deepspeed_launcher_is_one_line_per_rank_without_
                   MASTER_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(LAUNCHERS / "single_node.sh"), f"data.train={train_shards}",
                            "optim.batch_size=64", "data.num_workers=0", "log.tensorboard=false"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # ~25 s idle
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [line for line in out.splitlines() if line.startswith("error: rank")]
