@@ -12,9 +12,10 @@ rank runs the same number of forwards: under ZeRO-3 every forward is a collectiv
 are gathered layer by layer), so the ranks must step through it together. Features and labels
 are then all-gathered and every rank computes the same top-1.
 
-The first evaluation (step 0: the random-init figure) also logs `knn_pixels_top1`, the same k-NN
-on the eval-transformed images themselves (`simscale eval knn --pixels`), computed once by rank 0
-while every rank still holds the whole split: the two reference lines of `report`'s knn.png.
+The first evaluation of each start (step 0 on a fresh run: the random-init figure) also logs
+`knn_pixels_top1`, the same k-NN on the eval-transformed images themselves (`simscale eval knn
+--pixels`), computed by rank 0 while every rank still holds the whole split: with step 0's encoder
+figure, the two reference lines of `report`'s knn.png.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class OnlineKNN:
         train = decode_split(cfg.train, img_size, cfg.max_samples)
         val = decode_split(cfg.val, img_size, cfg.max_samples)
         self.n_train, self.n_val = len(train[1]), len(val[1])
-        # Rank 0 logs the metrics: only it scores the raw pixels (once; logged with the first evaluation).
+        # Rank 0 logs the metrics: only it scores the raw pixels (logged with this start's first evaluation).
         self.pixels = pixels_top1(train, val, cfg, device) if self.rank == 0 else None
         self.train_x, self.train_y = rank_share(*train, self.rank, self.world)
         self.val_x, self.val_y = rank_share(*val, self.rank, self.world)
@@ -140,6 +141,6 @@ class OnlineKNN:
         t0 = time.perf_counter()
         out = {f"knn_{name}_top1": self._top1(enc) for name, enc in encoders.items()}
         out["eval_time"] = time.perf_counter() - t0
-        if self.pixels is not None:  # the reference line, once: with the first evaluation (step 0)
+        if self.pixels is not None:  # the reference line, once per start: with its first evaluation
             out["knn_pixels_top1"], self.pixels = self.pixels, None
         return out
