@@ -27,9 +27,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from simscale.config import EvalConfig
+from simscale.data.remote import IOOptions
 from simscale.data.shards import resolve_shards
 from simscale.errors import DataError
-from simscale.eval.knn import knn_top1
+from simscale.knn import knn_top1
 
 
 def _world() -> tuple[int, int]:
@@ -38,14 +39,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def decode_split(spec: str, img_size: int, limit: int) -> tuple[Tensor, Tensor]:
+def decode_split(spec: str, img_size: int, limit: int, opts: IOOptions | None = None) -> tuple[Tensor, Tensor]:
     """The whole labelled split (at most `limit` samples) as eval-transformed float images + labels."""
-    from simscale.eval.features import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
+    from simscale.data.labelled import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
 
-    shards = resolve_shards(spec)
+    shards = resolve_shards(spec, opts)
     transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
     images, labels = [], []
-    for x, y in labelled_batches(shards, transform, batch_size=256, workers=0):
+    for x, y in labelled_batches(shards, transform, batch_size=256, workers=0, opts=opts):
         images.append(x)
         labels.append(y)
         if sum(len(t) for t in labels) >= limit:
@@ -69,8 +70,8 @@ def rank_share(images: Tensor, labels: Tensor, rank: int, world: int) -> tuple[T
 
 
 # The raw-pixel baseline costs n_train x n_val x 3 S^2 multiply-adds on rank 0's device, once; past
-# this budget (e.g. 20000 images a split at 224 px) the monitor says so and `simscale eval knn
-# --pixels` is the way to it.
+# this budget (e.g. 20000 images a split at 224 px) no pixel figure is logged (knn.png then has no
+# raw-pixel line) and `simscale eval knn --pixels` is the way to it.
 PIXEL_BUDGET_MACS = 2e12
 
 
@@ -95,11 +96,12 @@ def pooled(encoder: nn.Module, images: Tensor, pool: str = "token") -> Tensor:
 
 class OnlineKNN:
     def __init__(self, cfg: EvalConfig, img_size: int, device: torch.device, dtype: torch.dtype,
-                 pool: str = "token"):
+                 pool: str = "token", io: IOOptions | None = None):
+        """`io`: the run's shard I/O options (data.io_*, data.cache_*), as the training stream uses."""
         self.cfg, self.device, self.dtype, self.pool = cfg, device, dtype, pool
         self.rank, self.world = _world()
-        train = decode_split(cfg.train, img_size, cfg.max_samples)
-        val = decode_split(cfg.val, img_size, cfg.max_samples)
+        train = decode_split(cfg.train, img_size, cfg.max_samples, io)
+        val = decode_split(cfg.val, img_size, cfg.max_samples, io)
         self.n_train, self.n_val = len(train[1]), len(val[1])
         # Rank 0 logs the metrics: only it scores the raw pixels (logged with this start's first evaluation).
         self.pixels = pixels_top1(train, val, cfg, device) if self.rank == 0 else None
