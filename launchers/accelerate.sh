@@ -17,7 +17,7 @@
 #   NODE_RANK    this node's index (default 0)
 #   MASTER_ADDR  address of node 0 (default 127.0.0.1)
 #   MASTER_PORT  rendezvous port (default 29500)
-#   PRESET       simscale preset (default vit_b16); CONFIG: optional YAML (--config)
+#   PRESET       simscale preset (default: CONFIG's `preset:`, else vit_b16); CONFIG: optional YAML (--config)
 #   RESUME       auto (default) | none | a checkpoint directory
 #   RUN_DIR      run directory (run.dir=...)
 #   DRY_RUN=1    print the command instead of running it

@@ -29,7 +29,10 @@ simscale_env() {
 }
 
 train_args() {
-    TRAIN_ARGS=(train --preset "${PRESET:-vit_b16}" --resume "${RESUME:-auto}")
+    # No PRESET: the CONFIG file's `preset:` applies, else simscale's default (vit_b16).
+    TRAIN_ARGS=(train)
+    if [[ -n ${PRESET:-} ]]; then TRAIN_ARGS+=(--preset "$PRESET"); fi
+    TRAIN_ARGS+=(--resume "${RESUME:-auto}")
     if [[ -n ${CONFIG:-} ]]; then TRAIN_ARGS+=(--config "$CONFIG"); fi
     if [[ -n ${RUN_DIR:-} ]]; then TRAIN_ARGS+=("run.dir=$RUN_DIR"); fi
     TRAIN_ARGS+=("$@")

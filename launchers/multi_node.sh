@@ -17,7 +17,7 @@
 #   MASTER_ADDR  address of the rank-0 node (default: the first host in HOSTFILE)
 #   MASTER_PORT  rendezvous port (default 29500)
 #   LAUNCHER     ssh-mode backend: pdsh (default), openmpi, mvapich, slurm, mpich, impi
-#   PRESET       simscale preset (default vit_b16); CONFIG: optional YAML (--config)
+#   PRESET       simscale preset (default: CONFIG's `preset:`, else vit_b16); CONFIG: optional YAML (--config)
 #   RESUME       auto (default) | none | a checkpoint directory
 #   RUN_DIR      run directory (run.dir=...; must be on storage shared by all nodes)
 #   DRY_RUN=1    print the command instead of running it
@@ -35,7 +35,8 @@ slots=$(awk '!/^[[:space:]]*(#|$)/ {for (i = 2; i <= NF; i++) if ($i ~ /^slots=/
 simscale_env "${NPROC:-${slots:-1}}"
 train_args "$@"
 
-cmd=(deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+# --log_level warning: the launcher's INFO lines off, its hostfile and node warnings kept.
+cmd=(deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --log_level warning)
 if [[ -n ${NNODES:-} ]]; then cmd+=(--num_nodes "$NNODES"); fi
 if [[ -n ${NPROC:-} ]]; then cmd+=(--num_gpus "$NPROC"); fi
 if [[ -n ${NODE_RANK:-} ]]; then

@@ -5,7 +5,7 @@
 #
 # Variables (environment):
 #   NPROC        processes on this node (default: GPUs from nvidia-smi, 1 without GPUs)
-#   PRESET       simscale preset (default vit_b16): tiny, vit_s16, vit_b16, vit_l16, vit_h14, vit_g14
+#   PRESET       simscale preset (default: CONFIG's `preset:`, else vit_b16): tiny, vit_s16, vit_b16, ...
 #   CONFIG       optional YAML with config overrides (--config)
 #   RESUME       auto (default) | none | a checkpoint directory (--resume)
 #   RUN_DIR      run directory (passed as run.dir=...; default: the config's run.dir)
@@ -24,5 +24,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 simscale_env "$NPROC"
 train_args "$@"
 
-run deepspeed --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank \
+# --log_level error: the launcher's INFO lines (its command, CUDA_VISIBLE_DEVICES) and its warning
+# that there is no hostfile (one node needs none) read as failures; simscale prints its own summary.
+run deepspeed --num_nodes 1 --num_gpus "$NPROC" --master_port "$MASTER_PORT" --log_level error --no_local_rank \
     --module simscale "${TRAIN_ARGS[@]}"

@@ -11,7 +11,7 @@
 #   NODE_RANK    this node's index, 0..NNODES-1 (multi-node only, required there)
 #   MASTER_ADDR  address of node 0 (multi-node only, required there)
 #   MASTER_PORT  rendezvous port (default 29500)
-#   PRESET       simscale preset (default vit_b16); CONFIG: optional YAML (--config)
+#   PRESET       simscale preset (default: CONFIG's `preset:`, else vit_b16); CONFIG: optional YAML (--config)
 #   RESUME       auto (default) | none | a checkpoint directory
 #   RUN_DIR      run directory (run.dir=...)
 #   DRY_RUN=1    print the command instead of running it

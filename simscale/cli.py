@@ -12,13 +12,14 @@ import errno
 import importlib
 import sys
 
-from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
+from simscale.accelerator import default_to_cpu_without_gpu
+from simscale.console import make_console
 from simscale.errors import SimscaleError
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR,
                 errno.EISDIR, errno.EEXIST}
 
@@ -27,7 +28,7 @@ class RichParser(argparse.ArgumentParser):
     """argparse with its help rendered through rich (a panel, highlighted flags)."""
 
     def print_help(self, file=None) -> None:  # noqa: ARG002 - rich picks the stream
-        out = Console()
+        out = make_console()
         out.print(Panel(Text(self.format_help().rstrip()), title=f"[bold]{self.prog}", expand=False))
 
     def error(self, message: str) -> None:  # one line, then the usage hint
@@ -69,7 +70,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="SIM pretraining on every rank (start it with deepspeed/torchrun)",
                        description="Train SIM. Configuration: --preset, then --config YAML, then "
                        "key.sub=value overrides, e.g. run.dir=runs/x optim.batch_size=128.")
-    p.add_argument("--preset", default="vit_b16", help="tiny, vit_s16, vit_b16, vit_l16, vit_h14, vit_g14")
+    p.add_argument("--preset", default=None, help="tiny, vit_s16, vit_b16, vit_l16, vit_h14, vit_g14 "
+                   "(default: the --config file's `preset:`, else vit_b16)")
     p.add_argument("--config", default=None, help="YAML file with config overrides")
     p.add_argument("--resume", default="auto",
                    help="'auto' (newest complete checkpoint in run.dir), 'none', or a checkpoint dir")
@@ -134,6 +136,8 @@ def _add_eval(sub) -> None:
         if name == "knn":
             e.add_argument("--k", type=int, default=20)
             e.add_argument("--temperature", type=float, default=0.07)
+            e.add_argument("--json", default=None, metavar="FILE",
+                           help="also write the result ({\"top1\": percent, ...}) to FILE")
         else:
             e.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the probe")
         e.set_defaults(module=f"simscale.eval.{name}", issue=6)
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides, extra = [*args.overrides, *extra], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    default_to_cpu_without_gpu()  # before any DeepSpeed import: no "unable to detect" warning on CPU
     try:
         try:
             module = importlib.import_module(args.module)

@@ -407,13 +407,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(
-    preset: str = "vit_b16",
+    preset: str | None = None,
     yaml_file: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Defaults <- preset <- YAML file <- `a.b=c` overrides, each checked key by key."""
-    file_data = load_yaml(yaml_file) if yaml_file else {}
-    # A saved run config names its preset; an explicit --preset still wins over the default.
+    """Defaults <- preset <- YAML file <- `a.b=c` overrides, each checked key by key.
+
+    The preset is `preset` (an explicit --preset), else the YAML file's `preset:` (a saved run
+    config names its own), else vit_b16; an explicit one that disagrees with the file's is refused.
+    """
+    file_data = dict(load_yaml(yaml_file)) if yaml_file else {}
+    file_preset = file_data.pop("preset", None)
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise ConfigError(f"config file '{yaml_file}': preset must be a name like 'tiny', "
+                          f"not {file_preset!r}")
+    if preset and file_preset and preset != file_preset:
+        raise ConfigError(f"--preset {preset} disagrees with 'preset: {file_preset}' in '{yaml_file}': "
+                          "drop --preset or change the file")
+    preset = preset or file_preset or "vit_b16"
     if preset not in PRESETS:
         raise ConfigError(
             f"unknown preset '{preset}'{_closest(preset, list(PRESETS))}; "
@@ -421,8 +432,6 @@ def build_config(
         )
     cfg = Config(preset=preset)
     _merge(cfg, copy.deepcopy(PRESETS[preset]))
-    file_data = dict(file_data)
-    file_data.pop("preset", None)
     _merge(cfg, file_data)
     for text in overrides or []:
         _merge(cfg, parse_override(text))

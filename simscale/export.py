@@ -183,10 +183,10 @@ def write_timm(cfg: Config, sd: dict[str, torch.Tensor], out: Path, tag: str, mo
 
 
 def cli_main(args) -> int:
-    from rich.console import Console
+    from simscale.console import make_console
 
     out = export(args.run_dir, args.out, args.encoder, args.step, init=args.init)
     what = "random-init encoder (the run's init scheme and seed)" if args.init else f"{args.encoder} encoder"
-    Console().print(f"wrote {out}/model.safetensors + config.json ({what}); load with "
+    make_console().print(f"wrote {out}/model.safetensors + config.json ({what}); load with "
                     f"timm.create_model('local-dir:{out}', pretrained=True)")
     return 0

@@ -5,10 +5,10 @@ import importlib.metadata as md
 import os
 import platform
 
-from rich.console import Console
 from rich.table import Table
 
 from simscale.config import PRESETS, build_config, key_table
+from simscale.console import make_console
 
 PACKAGES = ("simscale", "torch", "torchvision", "timm", "deepspeed", "webdataset", "accelerate", "rich")
 
@@ -40,7 +40,7 @@ def keys_table() -> Table:
 
 
 def cli_main(args) -> int:
-    console = Console()
+    console = make_console()
     if getattr(args, "keys", False):
         console.print(keys_table())
         return 0

@@ -3,9 +3,10 @@
 Plots (written to RUN_DIR/report/): loss.png (the UniGrad loss, and its align / uniform terms
 as logged by rank 0), schedule.png (lr, weight decay, EMA momentum), throughput.png (images/s,
 TFLOP/s per device, MFU on known GPUs), data_wait.png (fraction of each step spent waiting for
-data), knn.png (online k-NN top-1, when the run logged `knn_*` keys). summary.txt says the same
-in a few lines. The run ledger (events.jsonl: restarts, failures, preemption saves, loss-spike
-rollbacks) is listed in summary.txt and marked on loss.png. Training writes the report at its end too. matplotlib draws off-screen (Agg via
+data), knn.png (online k-NN top-1 in %, when the run logged `knn_*` keys, against the random-init
+and raw-pixel reference lines). summary.txt says the same in a few lines. The run ledger
+(events.jsonl: restarts, failures, preemption saves, loss-spike rollbacks) is listed in
+summary.txt and marked on loss.png. Training writes the report at its end too. matplotlib draws off-screen (Agg via
 `Figure`, no pyplot state), so it works on headless nodes.
 """
 from __future__ import annotations
@@ -109,13 +110,7 @@ def plot(records: list[dict[str, Any]], out: Path, name: str,
         fig.savefig(out / file, dpi=100)
         written.append(out / file)
 
-    loss_terms = keys_like(records, "loss_")
-    fig, ax = _figure(3, f"{name}: UniGrad loss")
-    _panel(ax[0], records, ["loss", *loss_terms], "loss")
-    _mark_events(ax[0], events or [])
-    _panel(ax[1], records, keys_like(records, "align_"), "align term")
-    _panel(ax[2], records, keys_like(records, "uniform_"), "uniform term")
-    save(fig, "loss.png")
+    save(loss_figure(records, name, events), "loss.png")
 
     fig, ax = _figure(3, f"{name}: schedules")
     _panel(ax[0], records, ["lr"], "learning rate")
@@ -134,12 +129,58 @@ def plot(records: list[dict[str, Any]], out: Path, name: str,
     _panel(ax[0], records, ["data_wait"], "data wait (%)", scale=100)
     save(fig, "data_wait.png")
 
-    knn = keys_like(records, "knn_")
-    if knn:
-        fig, ax = _figure(1, f"{name}: online k-NN")
-        _panel(ax[0], records, knn, "k-NN top-1")
+    if knn_curves(records):
+        fig, ax = _figure(1, f"{name}: online k-NN top-1 (the same probe as `simscale eval knn`)")
+        knn_panel(ax[0], records)
         save(fig, "knn.png")
     return written
+
+
+def loss_figure(records: list[dict[str, Any]], name: str, events: list[dict[str, Any]] | None = None):
+    """The loss (mean over ranks, with the run ledger's events marked) and rank 0's terms, with what
+    a rising uniform term means."""
+    fig, ax = _figure(3, f"{name}: UniGrad loss (loss: mean over ranks; loss_*, align, uniform: rank 0's)")
+    _panel(ax[0], records, ["loss", *keys_like(records, "loss_")], "loss")
+    _mark_events(ax[0], events or [])
+    _panel(ax[1], records, keys_like(records, "align_"), "align term (rank 0)")
+    _panel(ax[2], records, keys_like(records, "uniform_"), "uniform term (rank 0)")
+    ax[2].text(0.01, 0.02, UNIFORM_NOTE, transform=ax[2].transAxes, fontsize=7, color="dimgray", va="bottom")
+    return fig
+
+
+# What the uniform term says (loss.py: p^T C p / D, C the targets' second moment over all ranks).
+UNIFORM_NOTE = ("uniform = prediction energy along the targets' main directions: it rises when features crowd "
+                "into fewer directions (towards collapse), falls as they spread out")
+
+
+def knn_curves(records: list[dict[str, Any]]) -> list[str]:
+    """The encoders' k-NN series (knn_online_top1, knn_target_top1); knn_pixels_top1 is a reference."""
+    return [k for k in keys_like(records, "knn_") if k != "knn_pixels_top1"]
+
+
+def knn_references(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The lines every k-NN figure is read against: the encoder at initialisation (the monitor's
+    step-0 evaluation) and the raw pixels (the monitor's knn_pixels_top1, logged at step 0)."""
+    refs = {}
+    x, y = series(records, "knn_online_top1")
+    if x and x[0] == 0:
+        refs["random init (step 0)"] = y[0]
+    _, pixels = series(records, "knn_pixels_top1")
+    if pixels:
+        refs["raw pixels"] = pixels[0]
+    return refs
+
+
+def knn_panel(ax, records: list[dict[str, Any]]) -> None:
+    """k-NN top-1 in %, on a 0-100 axis (a few points on an auto-scaled one look like large moves),
+    with the random-init and raw-pixel figures as horizontal reference lines."""
+    _panel(ax, records, knn_curves(records), "k-NN top-1 (%)")
+    for (label, value), style in zip(knn_references(records).items(), ("-.", ":")):
+        ax.axhline(value, color="gray" if style == "-." else "black", linestyle=style, linewidth=1,
+                   label=f"{label}: {value:.1f}%")
+    ax.set_ylim(0, 100)
+    ax.yaxis.set_major_formatter("{x:.0f}%")
+    ax.legend(fontsize=8, loc="best")
 
 
 def _median(records, key) -> float | None:
@@ -151,7 +192,7 @@ def summary(records: list[dict[str, Any]], name: str, events: list[dict[str, Any
     first, last = records[0], records[-1]
     _, losses = series(records, "loss")
     tail = losses[-max(1, len(losses) // 10):]  # the last tenth of the logged steps
-    lines = [f"run {name}: steps {first['step']}..{last['step']} logged ({len(records)} records)"]
+    lines = [f"{name}: steps {first['step']}..{last['step']} logged ({len(records)} records)"]
     _, times = series(records, "time")
     if times:
         lines[0] += f", {(max(times) - min(times)) / 60:.1f} min between first and last"
@@ -169,10 +210,13 @@ def summary(records: list[dict[str, Any]], name: str, events: list[dict[str, Any
     skipped = last.get("skipped_total")
     if skipped is not None:
         lines.append(f"non-finite steps skipped: {skipped}")
-    for key in keys_like(records, "knn_"):
+    for key in knn_curves(records):
         x, y = series(records, key)
         if y:
             lines.append(f"{key}: {y[-1]:.4f} at step {x[-1]} (best {max(y):.4f})")
+    refs = knn_references(records)
+    if refs:
+        lines.append("k-NN references: " + ", ".join(f"{k} {v:.2f}%" for k, v in refs.items()))
     from simscale.events import summary_lines
 
     lines += summary_lines(events or [])
@@ -195,10 +239,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[li
 
 
 def cli_main(args) -> int:
-    from rich.console import Console
+    from simscale.console import make_console
 
     files, text = write_report(args.run_dir, args.out)
-    console = Console()
+    console = make_console()
     console.print(text, highlight=False, soft_wrap=True)
     console.print(f"wrote {', '.join(str(f) for f in files)}", highlight=False, soft_wrap=True)
     return 0

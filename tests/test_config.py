@@ -161,6 +161,29 @@ def test_vit_l_and_h_presets_pay_for_no_zero3_or_recomputation(name):
     assert cfg.deepspeed.precision == "bf16"
 
 
+def test_a_yaml_files_preset_applies_without_preset(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("preset: tiny\noptim: {batch_size: 8}\n")
+    cfg = build_config(yaml_file=path)
+    assert cfg.preset == "tiny" and cfg.model.img_size == PRESETS["tiny"]["model"]["img_size"]
+    assert cfg.optim.batch_size == 8
+    assert build_config("tiny", path).preset == "tiny"  # an explicit --preset that agrees
+    assert build_config().preset == "vit_b16"  # neither: the default
+
+
+def test_an_explicit_preset_that_disagrees_with_the_yaml_file_names_both(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("preset: tiny\n")
+    with pytest.raises(ConfigError, match=r"--preset vit_s16 disagrees with 'preset: tiny' in '.*cfg.yaml'"):
+        build_config("vit_s16", path)
+
+
+def test_a_saved_run_config_rebuilds_its_own_preset(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_yaml(build_config("tiny", overrides=["optim.batch_size=4"]), path)
+    assert build_config(yaml_file=path) == build_config("tiny", overrides=["optim.batch_size=4"])
+
+
 def test_every_key_is_declared_once_with_its_meaning_and_allowed_values():
     """config.key(...) is the one place: every key has a meaning; a declared range or choice is enforced."""
     import dataclasses

@@ -30,7 +30,7 @@ def fake_bin(tmp_path: Path, **programs: str) -> Path:
 
 def launch(script: str, *args: str, path_prefix: Path | None = None, dry: bool = True, **env: str):
     base = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "OMP_NUM_THREADS")}
-    base.update(PRESET="tiny", **env)
+    base.update({"PRESET": "tiny", **env})
     if dry:
         base["DRY_RUN"] = "1"
     if path_prefix:
@@ -79,7 +79,7 @@ def test_scripts_document_their_variables_and_are_strict(name):
 def test_single_node_command():
     cmd = command("single_node.sh", *OVERRIDES, NPROC="4", MASTER_PORT="29611")
     assert cmd == ["deepspeed", "--num_nodes", "1", "--num_gpus", "4", "--master_port", "29611",
-                   "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
+                   "--log_level", "error", "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
 
 
 def test_run_dir_and_config_become_train_arguments():
@@ -108,7 +108,8 @@ def test_multi_node_ssh_mode(tmp_path):
     hosts.write_text("# cluster\nnode-a slots=8\nnode-b slots=8\n")
     cmd = command("multi_node.sh", *OVERRIDES, HOSTFILE=str(hosts))
     assert cmd == ["deepspeed", "--hostfile", str(hosts), "--master_addr", "node-a", "--master_port", "29500",
-                   "--launcher", "pdsh", "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
+                   "--log_level", "warning", "--launcher", "pdsh", "--no_local_rank", "--module", "simscale", *TRAIN,
+                   *OVERRIDES]
 
 
 def test_multi_node_no_ssh_mode(tmp_path):
@@ -117,8 +118,8 @@ def test_multi_node_no_ssh_mode(tmp_path):
     cmd = command("multi_node.sh", "a=1", HOSTFILE=str(hosts), NODE_RANK="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT="29700", NNODES="2", NPROC="1")
     assert cmd == ["deepspeed", "--hostfile", str(hosts), "--master_addr", "127.0.0.1", "--master_port", "29700",
-                   "--num_nodes", "2", "--num_gpus", "1", "--no_ssh", "--node_rank", "1", "--no_local_rank",
-                   "--module", "simscale", *TRAIN, "a=1"]
+                   "--log_level", "warning", "--num_nodes", "2", "--num_gpus", "1", "--no_ssh", "--node_rank", "1",
+                   "--no_local_rank", "--module", "simscale", *TRAIN, "a=1"]
 
 
 def test_multi_node_needs_a_hostfile(tmp_path):
@@ -180,7 +181,7 @@ def test_slurm_runs_one_launcher_per_node_with_its_rank(tmp_path):
     for node_rank, cmd in enumerate(lines):
         assert cmd == ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
                        "--master_addr", "gpu-01", "--master_port", "29999", "--num_gpus", "8",
-                       "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
+                       "--log_level", "warning", "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
     assert len(lines) == 2
 
 
@@ -238,3 +239,28 @@ def test_accelerate_command_is_valid_for_accelerate_launch():
     assert torchrun.module and torchrun.training_script == "simscale"
     assert torchrun.training_script_args == [*TRAIN, "deepspeed.zero_stage=2", "deepspeed.precision=bf16",
                                              *OVERRIDES]
+
+
+def test_without_preset_the_config_files_preset_applies():
+    cmd = command("single_node.sh", NPROC="1", PRESET="", CONFIG="c.yaml")
+    assert "--preset" not in cmd and cmd[cmd.index("train"):][:5] == ["train", "--resume", "auto", "--config", "c.yaml"]
+
+
+@pytest.mark.slow
+def test_a_user_error_under_the_deepspeed_launcher_is_one_line_per_rank_without_cpp_frames(tmp_path, train_shards):
+    # 36 samples cannot fill 2 ranks x 64: both ranks fail in 'resume'; rank 0 hosts the rendezvous
+    # store, and its leaving used to put ~50 lines of torch's C++ TCPStore frames after the error.
+    from tests.distrun import cpu_env, free_port
+
+    env = cpu_env(NPROC="2", PRESET="tiny", RESUME="none", RUN_DIR=str(tmp_path / "run"),
+                  MASTER_PORT=str(free_port()))
+    proc = subprocess.run(["bash", str(LAUNCHERS / "single_node.sh"), f"data.train={train_shards}",
+                           "optim.batch_size=64", "data.num_workers=0", "log.tensorboard=false"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # ~25 s idle
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error: rank")]
+    assert 1 <= len(errors) <= 2 and len({line.split(":")[1] for line in errors}) == len(errors), out[-3000:]
+    assert all("optim.batch_size=64" in line and "optim.batch_size <= 18" in line for line in errors), out[-3000:]
+    for noise in ("TCPStore", "frame #", "Traceback", "Connection reset", "[INFO]", "Unable to find hostfile"):
+        assert noise not in out, out[-3000:]

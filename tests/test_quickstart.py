@@ -17,8 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def quickstart(work, **extra):
-    env = cpu_env(WORK=str(work), PER_CLASS="20", VAL_PER_CLASS="10", STEPS="4", BATCH="8", EVAL_EVERY="2",
+    extra.setdefault("BATCH", "8")  # None: not set (the quickstart fits it to the data)
+    extra = {k: v for k, v in extra.items() if v is not None}
+    env = cpu_env(WORK=str(work), PER_CLASS="20", VAL_PER_CLASS="10", STEPS="4", EVAL_EVERY="2",
                   PYTHON=sys.executable, MASTER_PORT=str(free_port()), SIMSCALE_NO_PROGRESS="0", **extra)
+    env.pop("FORCE_COLOR", None)
     proc = subprocess.run(["bash", "launchers/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     out = proc.stdout + proc.stderr
@@ -31,6 +34,14 @@ def quickstart(work, **extra):
     assert "raw pixels at 32 px" in out
     evals = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if "knn_online_top1" in r] == [0, 2, 4]
+    # The closing line reads the three numbers and names the next commands.
+    reading = [line for line in out.splitlines() if line.startswith("reading: ")]
+    assert len(reading) == 1 and f"SIM {top1[0]:.2f}% vs random init {top1[1]:.2f}%" in reading[0]
+    assert f"raw pixels {top1[2]:.2f}%" in reading[0] and "simscale report" in reading[0] and "timm" in reading[0]
+    # Redirected (not a terminal): no escape codes; DeepSpeed's launcher/accelerator chatter is off.
+    assert "\x1b" not in out
+    for noise in ("[INFO]", "Unable to find hostfile", "unable to detect", "TCPStore"):
+        assert noise not in out, noise
     return out
 
 
@@ -44,9 +55,25 @@ def test_quickstart_on_the_users_own_class_folders(tmp_path):
     images = load_images_module()
     images.class_folders(tmp_path / "mine" / "train", per_class=8)
     images.class_folders(tmp_path / "mine" / "val", per_class=3)
+    # 24 images, fewer than the default 64 x 2 ranks: BATCH unset, the quickstart fits it and says so.
     out = quickstart(tmp_path / "work", TRAIN_DIR=str(tmp_path / "mine" / "train"),
-                     VAL_DIR=str(tmp_path / "mine" / "val"))
+                     VAL_DIR=str(tmp_path / "mine" / "val"), BATCH=None)
     assert "your images" in out and "Fashion-MNIST" not in out.split("2/5")[0]
+    assert "batch fitted to the data: 24 training images -> BATCH=12 per process x NPROC=2" in out
+
+
+def test_quickstart_names_batch_when_an_explicit_batch_does_not_fit(tmp_path):
+    images = load_images_module()
+    images.class_folders(tmp_path / "mine" / "train", per_class=8)
+    images.class_folders(tmp_path / "mine" / "val", per_class=3)
+    env = cpu_env(WORK=str(tmp_path / "work"), TRAIN_DIR=str(tmp_path / "mine" / "train"),
+                  VAL_DIR=str(tmp_path / "mine" / "val"), BATCH="64", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "launchers/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: BATCH=64 x NPROC=2 needs 128 training images, there "
+                                                    "are 24: set BATCH <= 12 (or leave it unset to fit the data)")
+    assert not (tmp_path / "work" / "run").exists()  # stopped before training
 
 
 def test_quickstart_refuses_half_a_user_data_set(tmp_path):

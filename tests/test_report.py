@@ -6,7 +6,7 @@ import pytest
 
 from simscale.cli import main
 from simscale.errors import SimscaleError
-from simscale.report import read_metrics, write_report
+from simscale.report import knn_panel, read_metrics, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +49,7 @@ def test_records_merge_by_step_and_a_torn_last_line_is_skipped(tmp_path):
 def test_summary_names_steps_loss_and_throughput(tmp_path):
     write_metrics(tmp_path, train_records(range(1, 21)))
     _, text = write_report(tmp_path)
-    assert f"run {tmp_path.name}: steps 1..20 logged (20 records)" in text
+    assert text.startswith(f"{tmp_path.name}: steps 1..20 logged (20 records)")
     assert "loss: first 2.0000, last 0.1000" in text and "images/s (median): 110.5" in text
     assert "peak memory: 0.70 GB" in text and "MFU" not in text  # no MFU on CPU: not invented
 
@@ -65,3 +65,40 @@ def test_cli_writes_to_out_and_reports_a_missing_run_in_one_line(tmp_path, capsy
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "metrics.jsonl").write_text("")
         read_metrics(tmp_path / "empty")
+
+
+def test_summary_of_a_run_dir_named_run_does_not_say_run_run(tmp_path):
+    write_metrics(tmp_path / "run", train_records([1, 2]))
+    _, text = write_report(tmp_path / "run")
+    assert not text.startswith("run run:") and text.startswith("run: steps 1..2")
+    assert (tmp_path / "run" / "report" / "summary.txt").read_text() == text + "\n"
+
+
+def test_knn_figure_is_in_percent_against_random_init_and_raw_pixels(tmp_path):
+    from matplotlib.figure import Figure
+
+    records = train_records([1, 2, 3, 4]) + [
+        {"step": 0, "knn_online_top1": 60.3, "knn_target_top1": 60.3, "knn_pixels_top1": 79.3},
+        {"step": 4, "knn_online_top1": 63.5, "knn_target_top1": 62.0}]
+    write_metrics(tmp_path, records)
+    ax = Figure().subplots()
+    knn_panel(ax, read_metrics(tmp_path))
+    assert ax.get_ylim() == (0, 100) and ax.yaxis.get_major_formatter()(50, 0) == "50%"
+    assert "(%)" in ax.get_ylabel()
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["knn_online_top1", "knn_target_top1", "random init (step 0): 60.3%", "raw pixels: 79.3%"]
+    refs = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines()[2:]}
+    assert list(refs.values()) == [60.3, 79.3]
+    _, text = write_report(tmp_path)
+    assert "k-NN references: random init (step 0) 60.30%, raw pixels 79.30%" in text
+    assert "knn_pixels_top1:" not in text  # a reference, not a curve
+
+
+def test_loss_figure_says_whose_terms_and_what_uniform_means(tmp_path):
+    from simscale.report import loss_figure
+
+    write_metrics(tmp_path, train_records([1, 2]))
+    fig = loss_figure(read_metrics(tmp_path), "x")
+    assert "mean over ranks" in fig.axes[0].get_title() and "rank 0" in fig.axes[0].get_title()
+    assert [a.get_ylabel() for a in fig.axes[1:]] == ["align term (rank 0)", "uniform term (rank 0)"]
+    assert any("rises when features crowd" in t.get_text() for t in fig.axes[2].texts)

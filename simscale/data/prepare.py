@@ -249,9 +249,9 @@ def _load_state(out: Path, fingerprint: str) -> dict | None:
 
 
 def _say(text: str) -> None:
-    from rich.console import Console
+    from simscale.console import make_console
 
-    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
+    make_console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
 
 def verify_shards(directory: str | Path) -> list[str]:
@@ -292,7 +292,7 @@ def _clean(out: Path, keep: set[str]) -> None:
 
 
 def _progress(total: int, done: int):
-    from rich.console import Console
+    from simscale.console import make_console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
                                TextColumn, TimeRemainingColumn)
     from rich.text import Text
@@ -302,7 +302,7 @@ def _progress(total: int, done: int):
             return Text(f"{task.speed or 0:7.1f} images/s")
 
     p = Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), Speed(),
-                 TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+                 TextColumn("ETA"), TimeRemainingColumn(), console=make_console(stderr=True))
     task = p.add_task("prepare", total=total, completed=done)
     return p, task
 
@@ -406,14 +406,14 @@ def prepare(sources: list[str], out: str | Path, opts: Options = Options(), work
 
 
 def _index_main(args) -> int:
-    from rich.console import Console
+    from simscale.console import make_console
 
     from simscale.data.index import index
 
     if args.sources:
         raise DataError("--index reads existing tars and takes no SRC: drop the sources, or drop --index")
     r = index(args.index, args.manifest_out, workers=args.workers or 8)
-    Console(stderr=True).print(f"[green]indexed[/green] {r['samples']} samples in {r['shards']} tars; "
+    make_console(stderr=True).print(f"[green]indexed[/green] {r['samples']} samples in {r['shards']} tars; "
                                f"manifest: {r['manifest']}")
     return 0
 
@@ -441,9 +441,9 @@ def cli_main(args) -> int:
         stage = Path(args.stage) if getattr(args, "stage", None) else default_stage(args.out)
         cli_main(argparse.Namespace(**dict(vars(args), out=str(stage))))
         r = upload(stage, args.out)
-        from rich.console import Console
+        from simscale.console import make_console
 
-        Console(stderr=True).print(f"[green]uploaded[/green] {r['uploaded']} shards to {args.out} "
+        make_console(stderr=True).print(f"[green]uploaded[/green] {r['uploaded']} shards to {args.out} "
                                    f"({r['skipped']} already there) and manifest.json last")
         if not getattr(args, "stage", None):
             remove_stage(stage)
@@ -452,8 +452,8 @@ def cli_main(args) -> int:
                    quality=args.quality, shuffle=args.shuffle, seed=args.seed,
                    max_pixels=args.max_pixels)
     summary = prepare(args.sources, args.out, opts, workers=args.workers)
-    from rich.console import Console
-    con = Console(stderr=True)
+    from simscale.console import make_console
+    con = make_console(stderr=True)
     skipped = ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) or "none"
     con.print(f"[green]wrote[/green] {summary['written']} images in {summary['shards']} shards to "
               f"{args.out} ({summary['seconds']:.1f} s; {summary['resumed_shards']} shards resumed)")

@@ -115,9 +115,9 @@ def _report(url: str, key: str, text: str) -> None:
     if (url, key) in _reported:
         return
     _reported.add((url, key))
-    from rich.console import Console
+    from simscale.console import make_console
 
-    Console(stderr=True).print(f"[yellow]{text}[/yellow]", highlight=False, soft_wrap=True)
+    make_console(stderr=True).print(f"[yellow]{text}[/yellow]", highlight=False, soft_wrap=True)
 
 
 _offsets: dict[tuple, list[int]] = {}  # (path, size, mtime) -> byte offset of each sample, per process
@@ -495,8 +495,10 @@ class TwoViewStream:
         self.samples_per_epoch = samples
         self.batches_per_epoch = (samples // P) // (self.global_batch // P)
         if self.batches_per_epoch < 1:
-            raise DataError(f"{samples} samples cannot fill one global batch of {B} x {world_size} "
-                            "ranks: lower optim.batch_size or add data")
+            fix = (f"set optim.batch_size <= {samples // world_size} or add data" if samples >= world_size
+                   else f"add data (at least one sample per rank, {world_size})")
+            raise DataError(f"{samples} samples cannot fill one global batch of optim.batch_size={B} x "
+                            f"{world_size} ranks = {B * world_size}: {fix}")
         if d.mode == "epoch":
             _fit_open_files(per_rank // max(1, self.num_workers) * min(d.shard_interleave, len(self.shards.urls)))
         m = cfg.model

@@ -1,13 +1,16 @@
 """`simscale eval knn`: the k-NN probe of an exported encoder (the classifier is simscale/knn.py)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from simscale.knn import knn_predict, knn_top1  # noqa: F401 - the probe's classifier, importable from here
 
 
 def cli_main(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from simscale.console import make_console
     from simscale.eval.features import encode_splits
 
     (train_f, train_y), (val_f, val_y), n_classes = encode_splits(args)
@@ -18,5 +21,8 @@ def cli_main(args) -> int:
         table.add_column(col, justify="right")
     table.add_row(str(args.k), f"{args.temperature:g}", f"{100 * top1:.2f}", str(len(train_f)),
                   str(len(val_f)), str(n_classes))
-    Console().print(table)
+    make_console().print(table)
+    if getattr(args, "json", None):  # for scripts (the quickstart's closing line reads three of these)
+        Path(args.json).write_text(json.dumps({"top1": round(100 * top1, 2), "what": what, "k": args.k,
+                                               "n_train": len(train_f), "n_val": len(val_f)}) + "\n")
     return 0

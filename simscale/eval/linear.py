@@ -62,7 +62,7 @@ def linear_top1(
 
 
 def cli_main(args) -> int:
-    from rich.console import Console
+    from simscale.console import make_console
     from rich.table import Table
 
     from simscale.eval.features import encode_splits
@@ -74,5 +74,5 @@ def cli_main(args) -> int:
     for col in ("weight decay", "top-1 (%)", "n_train", "n_val", "classes"):
         table.add_column(col, justify="right")
     table.add_row(f"{wd:g}", f"{100 * top1:.2f}", str(len(train_f)), str(len(val_f)), str(n_classes))
-    Console().print(table)
+    make_console().print(table)
     return 0

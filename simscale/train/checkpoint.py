@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from rich.console import Console
 
 from simscale.checksum import ALGORITHM, file_digest
+from simscale.console import make_console
 from simscale.errors import CheckpointError
 from simscale.train.rank_state import load_rank_state, save_rank_state
 from simscale.train.weights_only import loading_through_deepspeed
@@ -36,7 +36,7 @@ LATEST = "latest"
 SOURCE_KEY = "simscale_checkpoint"  # in DeepSpeed's model states: the run dir and tag that wrote them
 _TAG = re.compile(r"^step_(\d{8})$")
 _WRITER = re.compile(r"(?:pp_rank_|simscale_rank)0*(\d+)")  # DeepSpeed's and our per-rank file names
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def universal_client_state() -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from simscale.accelerator import device_line
 from simscale.config import Config, resolve_lr, to_dict
 from simscale.data.remote import IOOptions
 from simscale.errors import SimscaleError
@@ -63,7 +64,8 @@ class Trainer:
         # and data randomness has its own generators (stream.py).
         torch.manual_seed(self.cfg.run.seed + self.info.rank)
         self._build_outputs(live_progress)
-        self.sink.print(f"simscale: {self.cfg.preset}, world {self.info.world_size} ({self.info.backend}), "
+        where = device_line(self.info.device.type, self.info.world_size, self.info.backend)
+        self.sink.print(f"simscale: {self.cfg.preset} on {where}, "
                         f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
                         f"{self.schedule.total_steps} steps of global batch "
                         f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from simscale.console import make_console
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices report achieved FLOP/s only.
 PEAK_BF16_FLOPS = {
@@ -72,7 +73,7 @@ class MetricsSink:
         self.plain = False
         self.total = total_steps
         self.first: tuple[int, float] | None = None  # (step, time) of the first logged step, for the ETA
-        self.console = Console(stderr=True)
+        self.console = make_console(stderr=True)
         if not enabled:
             return
         run_dir = Path(run_dir)

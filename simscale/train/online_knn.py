@@ -11,6 +11,11 @@ training time). Each rank keeps and encodes only its own contiguous share, padde
 rank runs the same number of forwards: under ZeRO-3 every forward is a collective (parameters
 are gathered layer by layer), so the ranks must step through it together. Features and labels
 are then all-gathered and every rank computes the same top-1.
+
+The first evaluation of each start (step 0 on a fresh run: the random-init figure) also logs
+`knn_pixels_top1`, the same k-NN on the eval-transformed images themselves (`simscale eval knn
+--pixels`), computed by rank 0 while every rank still holds the whole split: with step 0's encoder
+figure, the two reference lines of `report`'s knn.png.
 """
 from __future__ import annotations
 
@@ -34,12 +39,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def load_split(spec: str, img_size: int, limit: int, rank: int, world: int,
-               opts: IOOptions | None = None) -> tuple[Tensor, Tensor, int]:
-    """This rank's share of a labelled split as eval-transformed float images.
-
-    Returns (images [n_pad, 3, S, S], labels [n_pad] with -1 on padding rows, total count).
-    """
+def decode_split(spec: str, img_size: int, limit: int, opts: IOOptions | None = None) -> tuple[Tensor, Tensor]:
+    """The whole labelled split (at most `limit` samples) as eval-transformed float images + labels."""
     from simscale.data.labelled import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
 
     shards = resolve_shards(spec, opts)
@@ -52,7 +53,11 @@ def load_split(spec: str, img_size: int, limit: int, rank: int, world: int,
             break
     if not images:
         raise DataError(f"eval shards '{spec}' hold no samples")
-    images, labels = torch.cat(images)[:limit], torch.cat(labels)[:limit]
+    return torch.cat(images)[:limit], torch.cat(labels)[:limit]
+
+
+def rank_share(images: Tensor, labels: Tensor, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """This rank's contiguous share, padded to the same length on every rank (labels -1 on padding)."""
     total = len(labels)
     per_rank = math.ceil(total / world)
     lo, hi = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
@@ -61,7 +66,25 @@ def load_split(spec: str, img_size: int, limit: int, rank: int, world: int,
     if pad:
         own_x = torch.cat([own_x, own_x.new_zeros(pad, *images.shape[1:])])
         own_y = torch.cat([own_y, own_y.new_full((pad,), -1)])
-    return own_x.contiguous(), own_y, total
+    return own_x.contiguous(), own_y
+
+
+# The raw-pixel baseline costs n_train x n_val x 3 S^2 multiply-adds on rank 0's device, once; past
+# this budget (e.g. 20000 images a split at 224 px) no pixel figure is logged (knn.png then has no
+# raw-pixel line) and `simscale eval knn --pixels` is the way to it.
+PIXEL_BUDGET_MACS = 2e12
+
+
+def pixels_top1(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], cfg: EvalConfig,
+                device: torch.device) -> float | None:
+    """k-NN top-1 (%) of the eval-transformed images themselves, as `simscale eval knn --pixels`:
+    the figure an encoder must beat. None when over PIXEL_BUDGET_MACS."""
+    (tx, ty), (vx, vy) = train, val
+    if len(ty) * len(vy) * tx[0].numel() > PIXEL_BUDGET_MACS:
+        return None
+    n_classes = int(max(ty.max(), vy.max())) + 1
+    return 100.0 * knn_top1(tx.flatten(1).to(device), ty, vx.flatten(1).to(device), vy, cfg.k, cfg.temperature,
+                            n_classes)
 
 
 POOLS = ("token", "avg")
@@ -84,10 +107,13 @@ class OnlineKNN:
         """`io`: the run's shard I/O options (data.io_*, data.cache_*), as the training stream uses."""
         self.cfg, self.device, self.dtype, self.pool = cfg, device, dtype, pool
         self.rank, self.world = _world()
-        self.train_x, self.train_y, self.n_train = load_split(cfg.train, img_size, cfg.max_samples,
-                                                              self.rank, self.world, io)
-        self.val_x, self.val_y, self.n_val = load_split(cfg.val, img_size, cfg.max_samples,
-                                                        self.rank, self.world, io)
+        train = decode_split(cfg.train, img_size, cfg.max_samples, io)
+        val = decode_split(cfg.val, img_size, cfg.max_samples, io)
+        self.n_train, self.n_val = len(train[1]), len(val[1])
+        # Rank 0 logs the metrics: only it scores the raw pixels (logged with this start's first evaluation).
+        self.pixels = pixels_top1(train, val, cfg, device) if self.rank == 0 else None
+        self.train_x, self.train_y = rank_share(*train, self.rank, self.world)
+        self.val_x, self.val_y = rank_share(*val, self.rank, self.world)
 
     @torch.no_grad()
     def _features(self, encoder: nn.Module, images: Tensor) -> dict[str, Tensor]:
@@ -136,4 +162,6 @@ class OnlineKNN:
                 if p != self.pool:
                     out[f"knn_{name}_{p}_top1"] = top1[p]
         out["eval_time"] = time.perf_counter() - t0
+        if self.pixels is not None:  # the reference line, once per start: with its first evaluation
+            out["knn_pixels_top1"], self.pixels = self.pixels, None
         return out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from simscale.config import build_config
 from simscale.errors import SimscaleError
+from simscale.train.preflight import check_paths
 
 # What a user's environment causes (full disk, permissions, a directory removed under the run),
 # as opposed to a bug: these become one line naming the path and what is still intact.
@@ -22,6 +23,12 @@ def live_progress() -> bool:
 
 def cli_main(args) -> int:
     cfg = build_config(args.preset, args.config, args.overrides)
+    try:
+        check_paths(cfg, args.resume)  # before torch and DeepSpeed load: a wrong path costs a second
+    except SimscaleError:
+        if os.environ.get("RANK", "0") != "0":  # under a launcher every rank finds it: rank 0 says it
+            raise SystemExit(2) from None
+        raise
     from simscale.train.loop import train
     from simscale.train.watchdog import ends_job_on_failure
 

@@ -9,7 +9,9 @@
   across nodes (a launcher only kills its own node's processes).
 - `ends_job_on_failure()`: the CLI's guard around training. On any exception in a distributed run it
   prints one line (a bug keeps its traceback), tells the other ranks, and leaves with os._exit: the
-  interpreter's teardown could block in a collective or a process group destructor.
+  interpreter's teardown could block in a collective or a process group destructor. A rank that has
+  said its line goes quiet (stdout/stderr to /dev/null) before it leaves, so the store's host leaving
+  does not put torch's C++ connection-reset frames after the one line.
 """
 from __future__ import annotations
 
@@ -21,11 +23,10 @@ import traceback
 from contextlib import contextmanager
 from datetime import timedelta
 
-from rich.console import Console
-
+from simscale.console import make_console
 from simscale.errors import SimscaleError
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 _phase = "setup"
 
 
@@ -159,9 +160,9 @@ class FailureNotice:
         console.print(f"[red]error:[/red] rank {self.rank}: stopping during '{current_phase()}' because "
                       f"{line}", highlight=False, soft_wrap=True)
         _flush()
-        self._mark_seen()
         _run_on_failure()
-        _flush()
+        _silence()  # said its line: the store host leaving next must not make it print C++ frames
+        self._mark_seen()
         os._exit(1)
 
     def _mark_seen(self) -> None:
@@ -170,17 +171,25 @@ class FailureNotice:
         except Exception:  # noqa: BLE001 - best effort: the failing rank lingers a few seconds anyway
             pass
 
-    def fail(self, line: str) -> None:
-        """Tell every rank that this one failed (the first failure's line wins), then wait a moment."""
-        if not self._ending.acquire(blocking=False):  # the notice thread is already ending this rank
-            time.sleep(3600)
+    def claim(self) -> bool:
+        """This rank's failure ends it (False: the notice thread is already ending it for another's)."""
+        return self._ending.acquire(blocking=False)
+
+    def announce(self, line: str) -> None:
+        """Tell every rank that this one failed (the first failure's line wins)."""
         try:
             self.store.compare_set(self.key, "", f"rank {self.rank} failed: {line}"[:1000])
             self._mark_seen()
+        except Exception:  # noqa: BLE001 - the store is gone: the others learn it from their collectives
+            pass
+
+    def linger(self) -> None:
+        """Keep this rank (perhaps the store's host) up until every rank has read the notice, at most LINGER_S."""
+        try:
             deadline = time.monotonic() + self.LINGER_S
             while time.monotonic() < deadline and self.store.add(self.seen_key, 0) < self.world_size:
                 time.sleep(0.05)
-        except Exception:  # noqa: BLE001 - the store is gone: the others learn it from their collectives
+        except Exception:  # noqa: BLE001 - the store is gone: nothing left to wait for
             pass
 
 
@@ -206,6 +215,19 @@ def _flush() -> None:
             pass
 
 
+def _silence() -> None:
+    """After a rank's one line: point its stdout/stderr at /dev/null until os._exit. The store host
+    (rank 0) leaving closes every other rank's store connections, and torch's C++ prints each reset
+    with ~30 stack frames: noise after a clean stop, not news."""
+    _flush()
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+    except OSError:
+        pass
+
+
 def _tell_failure_line(rank: int, line: str, code: int) -> None:
     for fn in _on_failure_line:
         try:
@@ -229,14 +251,17 @@ def ends_job_on_failure(timeout_s: int):
         if notice is None:  # one process: the CLI prints the line; the ledger still records it
             _tell_failure_line(0, line, code)
             raise
+        if not notice.claim():  # another rank's failure is already ending this one: its line says it
+            time.sleep(3600)
         if bug:
             traceback.print_exception(exc)
         console.print(f"[red]error:[/red] rank {notice.rank}: {line}", highlight=False, soft_wrap=True)
         _flush()
         _tell_failure_line(notice.rank, line, code)
-        notice.fail(line)
+        notice.announce(line)
         _run_on_failure()
-        _flush()
+        _silence()
+        notice.linger()
         os._exit(code)
     if _notice is not None:
         _notice.finished = True

@@ -374,3 +374,9 @@ def test_skipping_into_a_shard_with_long_member_names_yields_the_same_samples(tm
     assert len(full) == 4
     for k in range(4):
         assert list(st._read_shard(url, skip=k)) == full[k:]
+
+
+def test_too_little_data_for_one_global_batch_names_the_batch_that_fits(shards):
+    with pytest.raises(DataError, match=rf"^{N} samples cannot fill one global batch of optim.batch_size=64 x 2 "
+                                        rf"ranks = 128: set optim.batch_size <= {N // 2} or add data$"):
+        TwoViewStream(cfg_for(shards, batch=64), rank=0, world_size=2)

@@ -64,6 +64,14 @@ def test_raw_pixel_baseline_from_the_cli(train_shards):
     assert f"{100 * knn_top1(feats, labels, feats, labels):.2f}" in proc.stdout
 
 
+def test_monitor_logs_the_raw_pixel_baseline_once_at_step_0(run, train_shards):
+    records = [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_pixels_top1" in r] == [0]
+    feats, labels = pixel_features(str(train_shards), 32)  # what `simscale eval knn --pixels` scores
+    pixels = [r for r in records if "knn_pixels_top1" in r][0]["knn_pixels_top1"]
+    assert pixels == pytest.approx(100 * knn_top1(feats, labels, feats, labels), abs=1e-6)
+
+
 def test_eval_every_without_shards_is_one_line(tmp_path):
     proc = simscale_cli(["train", "--preset", "tiny", "eval.every=5", f"run.dir={tmp_path}"])
     assert proc.returncode == 2 and "eval.train" in proc.stderr and "Traceback" not in proc.stderr

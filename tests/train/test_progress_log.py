@@ -56,6 +56,6 @@ def test_training_writes_the_report(run):
     for name in ("loss.png", "schedule.png", "throughput.png", "data_wait.png", "summary.txt"):
         assert (report / name).stat().st_size > 0, name
     assert (report / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "run run: steps 1..5" in (report / "summary.txt").read_text()
+    assert (report / "summary.txt").read_text().startswith("run: steps 1..5")  # not "run run:" (issue 22.7)
     assert "report: 5 files" in text
     assert not (run_dir / "config.yaml").read_text().count("fault")
