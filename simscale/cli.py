@@ -126,6 +126,7 @@ def _add_eval(sub) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, accelerator and presets")
+    p.add_argument("--keys", action="store_true", help="every config key: type, default, allowed values, meaning")
     p.set_defaults(module="simscale.info", issue=2)
 
 

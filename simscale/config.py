@@ -19,155 +19,172 @@ import yaml
 from simscale.errors import ConfigError
 
 
+def key(default: Any, meaning: str, range: str = "", choices: tuple[str, ...] = (), pair: bool = False) -> Any:
+    """A config key, written once: its default, one-line meaning and allowed values. `range` is an
+    interval ("[1, inf)", "(0, 1]"; every element of a tuple value lies in it), `choices` the
+    strings a key accepts, `pair` a (low, high) pair that must be in order. `validate` checks them
+    and `simscale info --keys` prints them (the type is the field's annotation)."""
+    return field(default=default, metadata={"meaning": meaning, "range": range, "choices": choices, "pair": pair})
+
+
 @dataclass
 class ModelConfig:
     # Encoder: a timm ViT architecture name; the shape fields below override it so that any
     # preset (tiny included) is still a timm model that `timm.create_model` can rebuild.
-    arch: str = "vit_base_patch16_224"
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    final_norm: bool = False  # the SIM release has no final encoder norm
-    freeze_patch_embed: bool = True  # MoCo-v3's trick, as in the release: the patch projection stays at init
-    drop_path: float = 0.0
+    arch: str = key("vit_base_patch16_224", "timm ViT architecture name (the shape keys below override it)")
+    img_size: int = key(224, "input resolution in pixels (square)", "[1, inf)")
+    patch_size: int = key(16, "patch side in pixels", "[1, inf)")
+    embed_dim: int = key(768, "encoder width", "[1, inf)")
+    depth: int = key(12, "encoder blocks", "[1, inf)")
+    num_heads: int = key(12, "encoder attention heads", "[1, inf)")
+    mlp_ratio: float = key(4.0, "MLP hidden width / embed_dim", "(0, inf)")
+    final_norm: bool = key(False, "the SIM release has no final encoder norm")
+    freeze_patch_embed: bool = key(True, "MoCo-v3's trick, as in the release: the patch projection stays at init")
+    drop_path: float = key(0.0, "stochastic depth rate of the online encoder", "[0, 1)")
     # Projector (Linear + blocks) and predictor (blocks + Linear), width D and heads of their own.
-    decoder_dim: int = 768
-    decoder_heads: int = 16
-    projector_depth: int = 2
-    predictor_depth: int = 4
-    decoder_norm: str = "bn"  # "bn" (BatchNorm over tokens, synced across ranks) or "ln"
+    decoder_dim: int = key(768, "projector/predictor width D", "[1, inf)")
+    decoder_heads: int = key(16, "projector/predictor attention heads", "[1, inf)")
+    projector_depth: int = key(2, "projector blocks", "[0, inf)")
+    predictor_depth: int = key(4, "predictor blocks", "[0, inf)")
+    decoder_norm: str = key("bn", '"bn" (BatchNorm over tokens, synced across ranks) or "ln"', choices=("bn", "ln"))
     # "ema": momentum target encoder (the method); "pixel": raw-pixel target ablation.
-    target: str = "ema"
+    target: str = key("ema", "'ema': momentum target encoder (the method); 'pixel': raw-pixel target ablation",
+                      choices=("ema", "pixel"))
     # The exported representation (timm's global_pool): "token" (the class token; the release) or
     # "avg" (mean of the patch tokens). The online k-NN monitor uses the same.
-    pool: str = "token"
-    grad_checkpointing: bool = False  # activation checkpointing of the online encoder blocks
-    compile: bool = False  # torch.compile of the encoder blocks (ZeRO-0/1/2 only)
+    pool: str = key("token", "exported representation (timm global_pool): class token or mean of patch tokens",
+                    choices=("token", "avg"))
+    grad_checkpointing: bool = key(False, "activation checkpointing of the online encoder blocks")
+    compile: bool = key(False, "torch.compile of the encoder blocks (ZeRO-0/1/2 only)")
 
 
 @dataclass
 class MaskConfig:
-    ratio: float = 0.6  # exact count per image: round(ratio * patches) (118 of 196 at 224/16)
-    min_block_patches: int = 16
-    min_aspect: float = 0.3  # aspect range is [min_aspect, 1/min_aspect]
+    ratio: float = key(0.6, "exact count per image: round(ratio * patches) (118 of 196 at 224/16)", "(0, 1)")
+    min_block_patches: int = key(16, "smallest masked block, in patches", "[1, inf)")
+    min_aspect: float = key(0.3, "aspect range is [min_aspect, 1/min_aspect]", "(0, 1]")
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # manifest.json, a directory of shards, or a brace pattern of .tar files
-    mode: str = "epoch"  # "epoch": every sample once per epoch; "resampled": with replacement
-    samples_per_epoch: int = 0  # resampled mode: epoch length (0: the manifest's total)
-    num_workers: int = 4
+    train: str = key("", "manifest.json, a directory of shards, or a brace pattern of .tar files")
+    mode: str = key("epoch", '"epoch": every sample once per epoch; "resampled": with replacement',
+                    choices=("epoch", "resampled"))
+    samples_per_epoch: int = key(0, "resampled mode: epoch length (0: the manifest's total)", "[0, inf)")
+    num_workers: int = key(4, "data loader processes per rank", "[0, inf)")
     # The job's shuffle window: each of the data partitions shuffles in chunks of
     # ceil(shuffle_buffer / partitions) samples, so the job buffers about this many raw samples.
-    shuffle_buffer: int = 16384
+    shuffle_buffer: int = key(16384, "the job's shuffle window in raw samples (split over the partitions)", "[1, inf)")
     # Canonical partitions of the epoch's sample order (simscale/data/partitions.py): fixed for a
     # run so its data position is world-size free; 0 = chosen at the fresh start and recorded.
-    partitions: int = 0
+    partitions: int = key(0, "canonical partitions of the epoch's sample order; 0 = chosen at the fresh start",
+                          "[0, inf)")
     # Exact-epoch mode: the samples of this many consecutive shards (of the epoch's random shard
     # order) alternate in the sample sequence, so every shuffle chunk mixes several shards.
-    shard_interleave: int = 8
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    color_aug: bool = True  # ablation switch: colour jitter/grayscale/blur/solarize off
+    shard_interleave: int = key(8, "consecutive shards whose samples alternate (exact-epoch mode)", "[1, inf)")
+    crop_scale: tuple[float, float] = key((0.08, 1.0), "random resized crop: area fraction (low, high)",
+                                          "(0, 1]", pair=True)
+    crop_ratio: tuple[float, float] = key((3 / 4, 4 / 3), "random resized crop: aspect ratio (low, high)",
+                                          "(0, inf)", pair=True)
+    color_aug: bool = key(True, "ablation switch: colour jitter/grayscale/blur/solarize off")
     # Gaussian blur sigma in pixels OF A 224 PX VIEW (the recipe's U(0.1, 2)); scaled by
     # model.img_size / 224 when drawn, so the blur's strength relative to the image is the same
     # at every resolution.
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    same_view: bool = False  # ablation switch: view B is view A's crop (and flip)
+    blur_sigma: tuple[float, float] = key((0.1, 2.0), "Gaussian blur sigma (low, high), in pixels of a 224 px view",
+                                          "[0, inf)", pair=True)
+    same_view: bool = key(False, "ablation switch: view B is view A's crop (and flip)")
     # Unreadable samples (and the rest of a truncated shard) are replaced and counted; past this
     # fraction of a partition's samples in an epoch the run stops: the data set needs `prepare`.
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = key(0.01, "unreadable samples tolerated per partition and epoch before the run stops",
+                                  "[0, 1]")
     mask: MaskConfig = field(default_factory=MaskConfig)
     # Shards behind a URL (http(s)://, s3://, gs://): see simscale/data/remote.py.
-    io_retries: int = 5  # consecutive transient failures (drop, timeout, 5xx) retried per read
-    io_timeout: float = 60.0  # seconds a connect or a read may stall
-    cache_dir: str = ""  # local cache of remote shards ("" streams them without a copy)
-    cache_gb: float = 50.0  # bound of cache_dir; least recently used shards are evicted past it
+    io_retries: int = key(5, "consecutive transient failures (drop, timeout, 5xx) retried per read", "[0, inf)")
+    io_timeout: float = key(60.0, "seconds a connect or a read may stall", "(0, inf)")
+    cache_dir: str = key("", 'local cache of remote shards ("" streams them without a copy)')
+    cache_gb: float = key(50.0, "bound of cache_dir; least recently used shards are evicted past it", "(0, inf)")
 
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 64  # per rank, per micro-step
-    grad_accum: int = 1
-    epochs: float = 1600
-    warmup_epochs: float = 40
-    max_steps: int = 0  # > 0 overrides epochs (tests, quick runs)
-    warmup_steps: int = -1  # >= 0 overrides warmup_epochs
-    base_lr: float = 6.25e-5  # per 256 images of global batch
-    lr: float = 0.0  # 0: derived once as base_lr * global_batch / 256 (logged at start)
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    weight_decay_end: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip_grad: float = 1.0
+    batch_size: int = key(64, "per rank, per micro-step", "[1, inf)")
+    grad_accum: int = key(1, "micro-steps per optimizer step", "[1, inf)")
+    epochs: float = key(1600, "training length in epochs (unless max_steps > 0)", "(0, inf)")
+    warmup_epochs: float = key(40, "linear lr warmup in epochs (unless warmup_steps >= 0)", "[0, inf)")
+    max_steps: int = key(0, "> 0 overrides epochs (tests, quick runs)", "[0, inf)")
+    warmup_steps: int = key(-1, ">= 0 overrides warmup_epochs", "[-1, inf)")
+    base_lr: float = key(6.25e-5, "per 256 images of global batch", "(0, inf)")
+    lr: float = key(0.0, "0: derived once as base_lr * global_batch / 256 (logged at start)", "[0, inf)")
+    min_lr: float = key(0.0, "lr at the end of the cosine decay", "[0, inf)")
+    weight_decay: float = key(0.05, "AdamW weight decay at the start (matrices only)", "[0, inf)")
+    weight_decay_end: float = key(0.05, "weight decay at the end (cosine)", "[0, inf)")
+    betas: tuple[float, float] = key((0.9, 0.95), "AdamW betas", "[0, 1)")
+    eps: float = key(1e-8, "AdamW epsilon", "(0, inf)")
+    clip_grad: float = key(1.0, "global gradient-norm clip (0: off)", "[0, inf)")
 
 
 @dataclass
 class LossConfig:
-    lam: float = 0.02  # UniGrad's lambda
-    a_global: float = 0.0  # paper variant weight of the global (per-image mean) term
-    a_dense: float = 1.0  # weight of the dense term
-    center_dense: bool = False  # paper variant: dense term on per-image-centred tokens
+    lam: float = key(0.02, "UniGrad's lambda", "[0, inf)")
+    a_global: float = key(0.0, "paper variant weight of the global (per-image mean) term", "[0, inf)")
+    a_dense: float = key(1.0, "weight of the dense term", "[0, inf)")
+    center_dense: bool = key(False, "paper variant: dense term on per-image-centred tokens")
 
 
 @dataclass
 class EMAConfig:
-    momentum: float = 0.995  # m0; cosine to momentum_end over the run
-    momentum_end: float = 1.0
+    momentum: float = key(0.995, "m0; cosine to momentum_end over the run", "[0, 1]")
+    momentum_end: float = key(1.0, "EMA momentum at the end of the run", "[0, 1]")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
-    precision: str = "bf16"  # "bf16" or "fp32"
-    offload_optimizer: str = "none"  # "none" | "cpu" | "nvme"
-    offload_param: str = "none"  # "none" | "cpu" | "nvme" (ZeRO-3 only)
-    nvme_path: str = ""
-    config: str = ""  # optional DeepSpeed JSON to start from (batch sizes are always ours)
-    persistence_threshold: int = 0  # ZeRO-3: 0 keeps no parameter gathered (EMA trap)
-    reduce_bucket_size: int = 50_000_000
-    prefetch_bucket_size: int = 50_000_000
+    zero_stage: int = key(2, "DeepSpeed ZeRO stage 0-3", "[0, 3]")
+    precision: str = key("bf16", '"bf16" or "fp32"', choices=("bf16", "fp32"))
+    offload_optimizer: str = key("none", '"none" | "cpu" | "nvme"', choices=("none", "cpu", "nvme"))
+    offload_param: str = key("none", '"none" | "cpu" | "nvme" (ZeRO-3 only)', choices=("none", "cpu", "nvme"))
+    nvme_path: str = key("", "local NVMe directory for offload")
+    config: str = key("", "optional DeepSpeed JSON to start from (batch sizes are always ours)")
+    persistence_threshold: int = key(0, "ZeRO-3: 0 keeps no parameter gathered (EMA trap)", "[0, inf)")
+    reduce_bucket_size: int = key(50_000_000, "gradient reduce bucket (elements)", "[1, inf)")
+    prefetch_bucket_size: int = key(50_000_000, "ZeRO-3 parameter prefetch bucket (elements)", "[1, inf)")
 
 
 @dataclass
 class LogConfig:
-    every: int = 10  # steps between metric lines
-    tensorboard: bool = True
-    progress: bool = True  # progress on rank 0: a rich bar on a terminal, else a plain line per logged step
+    every: int = key(10, "steps between metric lines", "[1, inf)")
+    tensorboard: bool = key(True, "write TensorBoard events beside metrics.jsonl")
+    progress: bool = key(True, "progress on rank 0: a rich bar on a terminal, else a plain line per logged step")
 
 
 @dataclass
 class EvalConfig:
     """Online k-NN monitor: `simscale eval knn` on the live encoders every `every` steps."""
-    every: int = 0  # steps between evaluations (0: off); also once at the end of training
-    train: str = ""  # labelled shards (a `simscale prepare` output of class folders): the k-NN bank
-    val: str = ""  # labelled shards scored against the bank
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256  # images per forward, per rank
-    max_samples: int = 20000  # per split: the decoded images are kept in memory between evaluations
+    every: int = key(0, "steps between evaluations (0: off); also once at the end of training", "[0, inf)")
+    train: str = key("", "labelled shards (a `simscale prepare` output of class folders): the k-NN bank")
+    val: str = key("", "labelled shards scored against the bank")
+    k: int = key(20, "k-NN neighbours", "[1, inf)")
+    temperature: float = key(0.07, "k-NN vote temperature", "(0, inf)")
+    batch_size: int = key(256, "images per forward, per rank", "[1, inf)")
+    max_samples: int = key(20000, "per split: the decoded images are kept in memory between evaluations", "[1, inf)")
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/sim"
-    seed: int = 0
-    save_every: int = 1000  # steps; a checkpoint is also written at the end
-    keep_last: int = 3
-    max_nonfinite_streak: int = 10  # consecutive skipped steps before the run stops
+    dir: str = key("runs/sim", "run directory: config, checkpoints, metrics, report")
+    seed: int = key(0, "seed of init, data order and augmentations", "[0, 4294967295]")
+    save_every: int = key(1000, "steps; a checkpoint is also written at the end", "[1, inf)")
+    keep_last: int = key(3, "checkpoints kept (older ones deleted)", "[1, inf)")
+    max_nonfinite_streak: int = key(10, "consecutive skipped steps before the run stops", "[1, inf)")
     # Seconds a rank waits in a collective for the others before the job ends with one line naming
     # the phase (a stopped or hung rank); must exceed the longest skew between ranks (a slow save).
-    collective_timeout_s: int = 600
+    collective_timeout_s: int = key(600, "seconds a rank waits in a collective before the job ends with one line",
+                                    "[5, 604800]")
 
 
 @dataclass
 class Config:
-    preset: str = "vit_b16"
+    preset: str = key("vit_b16", "the preset the run was built from (`--preset`; `simscale info` lists them)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -392,44 +409,37 @@ def build_config(
     return cfg
 
 
-# Allowed range of every numeric key: (low, high, low inclusive, high inclusive); None = unbounded.
-_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "model.img_size": (1, None, True, False), "model.patch_size": (1, None, True, False),
-    "model.embed_dim": (1, None, True, False), "model.depth": (1, None, True, False),
-    "model.num_heads": (1, None, True, False), "model.mlp_ratio": (0, None, False, False),
-    "model.drop_path": (0, 1, True, False), "model.decoder_dim": (1, None, True, False),
-    "model.decoder_heads": (1, None, True, False), "model.projector_depth": (0, None, True, False),
-    "model.predictor_depth": (0, None, True, False),
-    "data.samples_per_epoch": (0, None, True, False), "data.num_workers": (0, None, True, False),
-    "data.shuffle_buffer": (1, None, True, False), "data.max_bad_fraction": (0, 1, True, True),
-    "data.partitions": (0, None, True, False),
-    "data.crop_scale": (0, 1, False, True), "data.crop_ratio": (0, None, False, False),
-    "data.mask.ratio": (0, 1, False, False), "data.mask.min_block_patches": (1, None, True, False),
-    "data.mask.min_aspect": (0, 1, False, True),
-    "optim.batch_size": (1, None, True, False), "optim.grad_accum": (1, None, True, False),
-    "optim.epochs": (0, None, False, False), "optim.warmup_epochs": (0, None, True, False),
-    "optim.max_steps": (0, None, True, False), "optim.warmup_steps": (-1, None, True, False),
-    "optim.base_lr": (0, None, False, False), "optim.lr": (0, None, True, False),
-    "optim.min_lr": (0, None, True, False), "optim.weight_decay": (0, None, True, False),
-    "optim.weight_decay_end": (0, None, True, False), "optim.betas": (0, 1, True, False),
-    "optim.eps": (0, None, False, False), "optim.clip_grad": (0, None, True, False),
-    "loss.lam": (0, None, True, False), "loss.a_global": (0, None, True, False),
-    "loss.a_dense": (0, None, True, False),
-    "ema.momentum": (0, 1, True, True), "ema.momentum_end": (0, 1, True, True),
-    "deepspeed.zero_stage": (0, 3, True, True), "deepspeed.persistence_threshold": (0, None, True, False),
-    "deepspeed.reduce_bucket_size": (1, None, True, False), "deepspeed.prefetch_bucket_size": (1, None, True, False),
-    "log.every": (1, None, True, False),
-    "data.shard_interleave": (1, None, True, False), "data.blur_sigma": (0, None, True, False),
-    "eval.every": (0, None, True, False), "eval.k": (1, None, True, False),
-    "eval.temperature": (0, None, False, False), "eval.batch_size": (1, None, True, False),
-    "eval.max_samples": (1, None, True, False),
-    "data.io_retries": (0, None, True, False), "data.io_timeout": (0, None, False, False),
-    "data.cache_gb": (0, None, False, False),
-    "run.seed": (0, 2**32 - 1, True, True), "run.save_every": (1, None, True, False),
-    "run.keep_last": (1, None, True, False), "run.max_nonfinite_streak": (1, None, True, False),
-    "run.collective_timeout_s": (5, 7 * 86400, True, True),
-}
-_ORDERED = ("data.crop_scale", "data.crop_ratio", "data.blur_sigma")  # (low, high) pairs
+def _interval(text: str) -> tuple[float | None, float | None, bool, bool]:
+    """"[1, inf)" -> (1, None, True, False): low, high (None = unbounded), each end inclusive?"""
+    lo, hi = (t.strip() for t in text[1:-1].split(","))
+    return (None if lo == "-inf" else float(lo), None if hi == "inf" else float(hi), text[0] == "[", text[-1] == "]")
+
+
+def key_fields(obj: Any = None, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, its field, its type) of every config key, in declaration order."""
+    cls = type(obj) if obj is not None else Config
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:  # a section
+            out += key_fields(f.default_factory(), f"{prefix}{f.name}.")
+        elif f.metadata:
+            out.append((f"{prefix}{f.name}", f, hints[f.name]))
+    return out
+
+
+def key_table() -> list[tuple[str, str, str, str, str]]:
+    """(key, type, default, allowed values, meaning) of every key: `simscale info --keys`."""
+    rows = []
+    for name, f, typ in key_fields():
+        meta = f.metadata
+        allowed = meta["range"] or " | ".join(meta["choices"])
+        if meta["pair"]:
+            allowed = f"{allowed}, low <= high"
+        shown = list(f.default) if isinstance(f.default, tuple) else f.default
+        rows.append((name, typ.__name__ if isinstance(typ, type) else str(typ), yaml.safe_dump(shown, default_flow_style=True).strip()
+                     .removesuffix("\n...").strip(), allowed, meta["meaning"]))
+    return rows
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -439,44 +449,35 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-def _check_ranges(cfg: Config) -> None:
-    """Every numeric key inside its range, finite, and (low, high) pairs in order: one line each."""
+def _check_keys(cfg: Config) -> None:
+    """Every key inside its declared range (finite), among its choices, (low, high) pairs in order."""
     import math
 
-    for key, (lo, hi, lo_in, hi_in) in _RANGES.items():
-        value = _get(cfg, key)
-        for v in value if isinstance(value, tuple) else (value,):
-            bad = not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
-                or (hi is not None and (v > hi or (v == hi and not hi_in)))
-            if bad:
-                left = "unbounded" if lo is None else f"{'[' if lo_in else '('}{lo:g}"
-                right = "inf)" if hi is None else f"{hi:g}{']' if hi_in else ')'}"
-                raise ConfigError(f"config key '{key}' must lie in {left}, {right}, got {v!r}")
-    for key in _ORDERED:
-        low, high = _get(cfg, key)
-        if low > high:
-            raise ConfigError(f"config key '{key}' is (low, high), got [{low:g}, {high:g}]: "
-                              f"swap them, e.g. {key}=[{high:g},{low:g}]")
+    for name, f, _ in key_fields():
+        value, meta = _get(cfg, name), f.metadata
+        if meta["range"]:
+            lo, hi, lo_in, hi_in = _interval(meta["range"])
+            for v in value if isinstance(value, tuple) else (value,):
+                bad = not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_in))) \
+                    or (hi is not None and (v > hi or (v == hi and not hi_in)))
+                if bad:
+                    left = "unbounded" if lo is None else f"{'[' if lo_in else '('}{lo:g}"
+                    right = "inf)" if hi is None else f"{hi:g}{']' if hi_in else ')'}"
+                    raise ConfigError(f"config key '{name}' must lie in {left}, {right}, got {v!r}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(f"config key '{name}' must be one of {', '.join(meta['choices'])}, got '{value}'")
+        if meta["pair"] and value[0] > value[1]:
+            low, high = value
+            raise ConfigError(f"config key '{name}' is (low, high), got [{low:g}, {high:g}]: "
+                              f"swap them, e.g. {name}=[{high:g},{low:g}]")
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
-    _check_ranges(cfg)
-
-    def choice(key: str, value: str, options: tuple[str, ...]) -> None:
-        if value not in options:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(options)}, got '{value}'")
-
+    _check_keys(cfg)
     m = cfg.model
-    choice("model.decoder_norm", m.decoder_norm, ("bn", "ln"))
-    choice("model.target", m.target, ("ema", "pixel"))
-    choice("model.pool", m.pool, ("token", "avg"))
     if m.pool == "avg" and m.final_norm:
         raise ConfigError("model.pool=avg needs model.final_norm=false (timm moves the norm to fc_norm)")
-    choice("data.mode", cfg.data.mode, ("epoch", "resampled"))
-    choice("deepspeed.precision", cfg.deepspeed.precision, ("bf16", "fp32"))
-    choice("deepspeed.offload_optimizer", cfg.deepspeed.offload_optimizer, ("none", "cpu", "nvme"))
-    choice("deepspeed.offload_param", cfg.deepspeed.offload_param, ("none", "cpu", "nvme"))
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0..3, got {cfg.deepspeed.zero_stage}")
     if cfg.model.compile and cfg.deepspeed.zero_stage == 3:

@@ -15,8 +15,6 @@ the name and how to load it by each route (README "Loading an export in timm").
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from simscale.errors import CheckpointError, SimscaleError
 from simscale.model.pos_embed import abs_pos_embed_2d
 from simscale.train.checkpoint import Checkpointer, read_meta, tag_for
 from simscale.train.rank_state import load_ema
-from simscale.train.weights_only import weights_only_loads
+from simscale.train.weights_only import loading_through_deepspeed
 from simscale.train.ema import consolidate
 
 
@@ -107,16 +105,10 @@ def encoder_state_dict(tag_dir: Path, encoder: str) -> dict[str, torch.Tensor]:
     if encoder == "online":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        try:
-            # it prints per-file progress; weights_only_loads: DeepSpeed's files cannot run code
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                    weights_only_loads():
-                full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
-            raise CheckpointError(f"DeepSpeed's files in '{tag_dir}' cannot be consolidated ({type(exc).__name__}); "
-                                  "export another step with --step") from None
+        # quiet: it prints per-file progress
+        with loading_through_deepspeed(lambda exc: f"DeepSpeed's files in '{tag_dir}' cannot be consolidated "
+                                       f"({type(exc).__name__}); export another step with --step", quiet=True):
+            full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         prefix = "online.encoder."
     else:
         ranks = int(read_meta(tag_dir)["world_size"])

@@ -8,7 +8,7 @@ import platform
 from rich.console import Console
 from rich.table import Table
 
-from simscale.config import PRESETS, build_config
+from simscale.config import PRESETS, build_config, key_table
 
 PACKAGES = ("simscale", "torch", "torchvision", "timm", "deepspeed", "webdataset", "accelerate", "rich")
 
@@ -60,8 +60,21 @@ def accelerator_line() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()}), backend gloo"
 
 
-def cli_main(args) -> int:  # noqa: ARG001 - no options
+def keys_table() -> Table:
+    """Every config key, generated from its one declaration in config.py (`key(...)`)."""
+    table = Table(title="config keys (set with --config FILE or key.sub=value)", show_header=True)
+    for col in ("key", "type", "default", "allowed", "meaning"):
+        table.add_column(col, overflow="fold", no_wrap=col == "key")
+    for row in key_table():
+        table.add_row(*row)
+    return table
+
+
+def cli_main(args) -> int:
     console = Console()
+    if getattr(args, "keys", False):
+        console.print(keys_table())
+        return 0
     versions = Table(title="simscale info", show_header=True)
     for col in ("package", "version", "supported", "in range"):
         versions.add_column(col)

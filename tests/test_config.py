@@ -159,3 +159,41 @@ def test_vit_l_and_h_presets_pay_for_no_zero3_or_recomputation(name):
     cfg = build_config(name)
     assert cfg.deepspeed.zero_stage == 2 and not cfg.model.grad_checkpointing
     assert cfg.deepspeed.precision == "bf16"
+
+
+def test_every_key_is_declared_once_with_its_meaning_and_allowed_values():
+    """config.key(...) is the one place: every key has a meaning; a declared range or choice is enforced."""
+    import dataclasses
+
+    from simscale.config import _all_keys, key_fields, key_table
+
+    declared = {name for name, _, _ in key_fields()}
+    assert declared == set(_all_keys(Config()))  # no key without its metadata
+    rows = {r[0]: r for r in key_table()}
+    assert all(r[4] for r in rows.values())
+    assert rows["optim.batch_size"][1:4] == ("int", "64", "[1, inf)")
+    assert rows["data.crop_scale"][3] == "(0, 1], low <= high"
+    assert rows["deepspeed.precision"][3] == "bf16 | fp32"
+    for name, f, _ in key_fields():  # each declared bound really refuses a value past it
+        if f.metadata["range"].startswith("["):
+            low = float(f.metadata["range"][1:].split(",")[0])
+            typ = int if isinstance(f.default, int) or (isinstance(f.default, tuple) and
+                                                        isinstance(f.default[0], int)) else float
+            bad = typ(low) - 1
+            value = [bad, bad] if isinstance(f.default, tuple) else bad
+            with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+                build_config("tiny", overrides=[f"{name}={value}"])
+        if f.metadata["choices"]:
+            with pytest.raises(ConfigError, match="must be one of"):
+                build_config("tiny", overrides=[f"{name}=nonesuch"])
+    assert dataclasses.fields(Config)[0].name == "preset"
+
+
+def test_info_keys_lists_every_key(capsys):
+    from simscale.cli import main
+    from simscale.config import key_fields
+
+    assert main(["info", "--keys"]) == 0
+    out = capsys.readouterr().out
+    for name, _, _ in key_fields():
+        assert name in out

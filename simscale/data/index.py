@@ -21,6 +21,7 @@ import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from simscale.data import remote
+from simscale.data.opener import open_shard
 from simscale.data.shards import MANIFEST, MANIFEST_FORMAT
 from simscale.errors import DataError
 
@@ -44,13 +45,13 @@ class _Hashing(io.RawIOBase):
         return len(data)
 
 
-def _list(location: str) -> list[str]:
+def _list(location: str, opts: remote.IOOptions) -> list[str]:
     if "{" in location:
         return list(braceexpand.braceexpand(location))
     if remote.is_url(location):
         if location.endswith(".tar"):
             return [location]
-        return remote.list_tars(location)
+        return remote.list_tars(location, opts)
     path = Path(location)
     if path.is_file() and path.suffix == ".tar":
         return [str(path)]
@@ -60,10 +61,10 @@ def _list(location: str) -> list[str]:
     return sorted(str(p) for p in path.glob("*.tar") if not p.name.startswith("."))
 
 
-def index_tar(url: str) -> dict:
+def index_tar(url: str, opts: remote.IOOptions | None = None) -> dict:
     """{"name", "samples", "bytes", "sha256", "labels"} of one tar, read once."""
     labels, n = [], 0
-    with remote.open_shard(url) as raw:
+    with open_shard(url, opts) as raw:
         f = _Hashing(raw)
         try:
             members = (dict(m, __url__=url) for m in tar_file_iterator(io.BufferedReader(f)))
@@ -88,14 +89,16 @@ def index_tar(url: str) -> dict:
     return {"name": url, "samples": n, "bytes": f.n, "sha256": f.sha.hexdigest(), "labels": labels}
 
 
-def index(location: str, manifest_out: str | None = None, workers: int = 8) -> dict:
+def index(location: str, manifest_out: str | None = None, workers: int = 8,
+          opts: remote.IOOptions | None = None) -> dict:
     """Write the manifest for the tars at `location`; returns {"manifest", "shards", "samples"}."""
-    urls = _list(location)
+    opts = opts or remote.IOOptions()
+    urls = _list(location, opts)
     if not urls:
         raise DataError(f"no .tar files at '{location}': pass the folder or prefix holding them "
                         "(an HTTP location needs an index page, or give a brace pattern)")
     with ThreadPoolExecutor(max(1, min(workers, len(urls)))) as pool:  # I/O bound: threads
-        entries = list(pool.map(index_tar, urls))
+        entries = list(pool.map(lambda u: index_tar(u, opts), urls))
     beside = manifest_out is None
     if beside and "{" in location:
         raise DataError("--index with a brace pattern needs --manifest-out PATH (there is no single "
@@ -119,7 +122,7 @@ def index(location: str, manifest_out: str | None = None, workers: int = 8) -> d
     data = {"format": MANIFEST_FORMAT, "total": sum(s["samples"] for s in shards),
             "classes": classes, "shards": shards, "indexed_from": location}
     if remote.is_url(target):
-        remote.put_bytes(json.dumps(data, indent=1).encode(), target)
+        remote.put_bytes(json.dumps(data, indent=1).encode(), target, opts)
     else:
         out = Path(target)
         try:

@@ -30,12 +30,11 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from simscale.checksum import file_digest
-from simscale.data.shards import MANIFEST, write_manifest
+from simscale.data.shards import MANIFEST, REPORT, write_manifest
 from simscale.data.sources import Item, list_sources, read_item
 from simscale.errors import DataError
 
 STATE = ".prepare-state.json"
-REPORT = "skipped.tsv"
 _EXIF_ORIENTATION = 0x0112
 
 

@@ -42,19 +42,11 @@ class IOOptions:
     cache_bytes: int = 0  # bound of the cache; least recently used shards are evicted past it
     expected: dict = field(default_factory=dict)  # url -> (bytes, sha256) from the manifest
 
-
-_options = IOOptions()
-
-
-def configure(options: IOOptions | None) -> None:
-    """Set the process's I/O options (the stream passes them to its workers through its plan)."""
-    global _options
-    if options is not None:
-        _options = options
-
-
-def options() -> IOOptions:
-    return _options
+    @classmethod
+    def from_config(cls, d) -> IOOptions:
+        """From the data config (data.io_*, data.cache_*): every reader of a run gets this value."""
+        return cls(retries=d.io_retries, timeout=d.io_timeout, cache_dir=d.cache_dir,
+                   cache_bytes=int(d.cache_gb * 2**30))
 
 
 def is_url(spec: str | Path) -> bool:
@@ -95,7 +87,7 @@ os.register_at_fork(after_in_child=_keep_inherited_clients)
 
 def filesystem(url: str, opts: IOOptions | None = None):
     """(fsspec filesystem, path) for `url`, with timeouts; a missing backend is a DataError."""
-    opts = opts or _options
+    opts = opts or IOOptions()
     protocol = url.split("://", 1)[0].lower()
     try:
         import fsspec
@@ -168,7 +160,7 @@ def _final_error(url: str, exc: BaseException, tries: int) -> DataError:
 
 def with_retries(url: str, fn: Callable, opts: IOOptions | None = None, on_failure: Callable | None = None):
     """fn() with up to opts.retries retries on transient errors; `on_failure` runs before a retry."""
-    opts = opts or _options
+    opts = opts or IOOptions()
     failures = 0
     while True:
         try:
@@ -192,7 +184,7 @@ class RemoteFile(io.RawIOBase):
     """A read-only stream over a URL that survives transient failures by reopening at its offset."""
 
     def __init__(self, url: str, opts: IOOptions | None = None):
-        self.url, self.opts = url, opts or _options
+        self.url, self.opts = url, opts or IOOptions()
         self.offset = 0
         self._f = None
         with_retries(url, self._open, self.opts, self._drop)
@@ -236,17 +228,6 @@ class RemoteFile(io.RawIOBase):
 
 def open_url(url: str, opts: IOOptions | None = None) -> io.BufferedReader:
     return io.BufferedReader(RemoteFile(url, opts), buffer_size=1 << 20)
-
-
-def open_shard(url: str):
-    """A binary file object for one shard: a local path as a plain file, a URL streamed (or cached)."""
-    if not is_url(url):
-        return open(url.removeprefix("file://"), "rb")
-    if _options.cache_dir:
-        from simscale.data.shard_cache import open_cached
-
-        return open_cached(url, _options)
-    return open_url(url)
 
 
 def read_bytes(url: str, opts: IOOptions | None = None) -> bytes:

@@ -27,6 +27,7 @@ from simscale.errors import DataError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "simscale-shards/1"
+REPORT = "skipped.tsv"  # prepare's list of skipped sources, uploaded beside the manifest
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class ShardSet:
         return sum(self.counts) if self.counts is not None else None
 
 
-def read_manifest(path: str | Path) -> ShardSet:
+def read_manifest(path: str | Path, opts: remote.IOOptions | None = None) -> ShardSet:
     if remote.is_url(path):
-        return _read_remote_manifest(str(path))
+        return _read_remote_manifest(str(path), opts)
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -90,11 +91,11 @@ def _checks(data: dict) -> tuple[list, list]:
     return ([e.get("bytes") for e in data["shards"]], [e.get("sha256") for e in data["shards"]])
 
 
-def _read_remote_manifest(url: str) -> ShardSet:
+def _read_remote_manifest(url: str, opts: remote.IOOptions | None) -> ShardSet:
     # Shards are not probed one by one (10k HEAD requests at start-up); a missing one is a
     # one-line DataError when it is opened.
     try:
-        data = json.loads(remote.read_bytes(url))
+        data = json.loads(remote.read_bytes(url, opts))
     except DataError as exc:
         if "not found" in str(exc):
             raise DataError(f"manifest '{url}' not found: run `simscale prepare ... --out "
@@ -112,19 +113,19 @@ def _read_remote_manifest(url: str) -> ShardSet:
     return ShardSet(urls, counts, data.get("classes"), *_checks(data))
 
 
-def _resolve_url(spec: str) -> ShardSet:
+def _resolve_url(spec: str, opts: remote.IOOptions | None) -> ShardSet:
     if spec.endswith(".json"):
-        return read_manifest(spec)
+        return read_manifest(spec, opts)
     if "{" in spec or spec.endswith(".tar"):
         return ShardSet(list(braceexpand.braceexpand(spec)), None)
     base = spec.rstrip("/")
     try:
-        return read_manifest(f"{base}/{MANIFEST}")
+        return read_manifest(f"{base}/{MANIFEST}", opts)
     except DataError as exc:
         if "not found" not in str(exc):
             raise
     try:
-        urls = remote.list_tars(base)
+        urls = remote.list_tars(base, opts)
     except DataError:
         urls = []
     if not urls:
@@ -144,12 +145,13 @@ def write_manifest(out_dir: str | Path, shards: list[dict], classes: list[str] |
     return out_dir / MANIFEST
 
 
-def resolve_shards(spec: str) -> ShardSet:
-    """`DIR/manifest.json`, `DIR` (its manifest if present, else its *.tar) or `a/shard-{0..9}.tar`."""
+def resolve_shards(spec: str, opts: remote.IOOptions | None = None) -> ShardSet:
+    """`DIR/manifest.json`, `DIR` (its manifest if present, else its *.tar) or `a/shard-{0..9}.tar`;
+    `opts`: the I/O options a remote manifest or listing is read with."""
     if not spec:
         raise DataError("no shards given: set data.train=DIR (a `simscale prepare` output) or a manifest")
     if remote.is_url(spec):
-        return _resolve_url(spec)
+        return _resolve_url(spec, opts)
     path = Path(spec)
     if path.is_dir():
         if (path / MANIFEST).is_file():

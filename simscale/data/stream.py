@@ -63,6 +63,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from simscale.data import remote
 from simscale.data.masking import block_mask
+from simscale.data.opener import open_shard
 from simscale.data.partitions import auto_partitions, partition_problem, partition_span, worker_count
 from simscale.data.photometric import draw_params, sigma_range_for
 from simscale.data.shards import ShardSet, resolve_shards
@@ -202,14 +203,14 @@ def _seek_to_sample(f, url: str, skip: int) -> bool:
     return False
 
 
-def _read_shard(url: str, skip: int = 0) -> Iterator[dict]:
+def _read_shard(url: str, opts: remote.IOOptions | None, skip: int = 0) -> Iterator[dict]:
     """Samples of one tar in stored order, raw bytes only (no member is ever decoded here); the
     first `skip` are not yielded (a local file seeks past them, a URL reads through them). The tar
     is a local file or a URL streamed with retries (remote.py; a store still failing after its
     retries is a DataError naming it). An unreadable or truncated tar ends early: the caller
     counts what is missing (a damaged shard is data to skip, not a crash)."""
     try:
-        with remote.open_shard(url) as f:
+        with open_shard(url, opts) as f:
             if skip and _seek_to_sample(f, url, skip):
                 skip = 0
             members = (dict(m, __url__=url) for m in tar_file_iterator(f))
@@ -244,7 +245,7 @@ class _Plan:
     color_aug: bool
     sigma_range: tuple[float, float]
     interleave: int = 1
-    io: remote.IOOptions | None = None  # remote shard I/O (retries, cache), set in each worker
+    io: remote.IOOptions | None = None  # remote shard I/O (retries, cache), passed to every shard opened
     max_bad_fraction: float = 0.01
 
     def steps_from(self, offset: int) -> int:
@@ -262,7 +263,7 @@ class _Plan:
             skip = [0] * len(shards)  # samples of each member that lie before `first`
             for member, _ in seq[:first]:
                 skip[member] += 1
-            readers = [_read_shard(self.urls[s], skip=k) for s, k in zip(shards, skip)]
+            readers = [_read_shard(self.urls[s], self.io, skip=k) for s, k in zip(shards, skip)]
             short = set()
             for n, (member, offset) in enumerate(seq[first:], start=first):
                 sample = None if member in short else next(readers[member], None)
@@ -285,7 +286,7 @@ class _Plan:
         k, empty = base, 0
         for entry in shards:
             before = k
-            for sample in _read_shard(entry["url"]):
+            for sample in _read_shard(entry["url"], self.io):
                 yield k, sample
                 k += 1
             empty = empty + 1 if k == before else 0
@@ -417,7 +418,6 @@ class _EpochBatches(IterableDataset):
         self.plan, self.epoch, self.offset = plan, epoch, offset
 
     def __iter__(self):
-        remote.configure(self.plan.io)
         info = get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         share = len(self.plan.owned) // n  # n divides it (worker_count)
@@ -453,18 +453,12 @@ def _fit_open_files(readers: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def io_options(d) -> remote.IOOptions:
-    """Remote shard I/O options from the data config (data.io_*, data.cache_*)."""
-    return remote.IOOptions(retries=d.io_retries, timeout=d.io_timeout, cache_dir=d.cache_dir,
-                            cache_bytes=int(d.cache_gb * 2**30))
-
-
 class TwoViewStream:
     """Batches of two views + geometry + mask + photometric parameters for one rank."""
 
     def __init__(self, cfg, rank: int = 0, world_size: int = 1):
         d = cfg.data
-        io = io_options(d)
+        io = remote.IOOptions.from_config(d)
         B = cfg.optim.batch_size
         # data.partitions=0 resolves here for a fresh start; the trainer records the result and a
         # resume passes the recorded P back in (loop.py).
@@ -472,8 +466,7 @@ class TwoViewStream:
         problem = partition_problem(P, world_size, B)
         if problem:
             raise ConfigError(f"{problem}, or data.partitions=0 on a fresh run to choose one")
-        remote.configure(io)  # before resolve_shards: a remote manifest is read with these
-        self.shards: ShardSet = resolve_shards(d.train)
+        self.shards: ShardSet = resolve_shards(d.train, io)
         if self.shards.sizes:
             io.expected = {u: (b, h) for u, b, h in zip(self.shards.urls, self.shards.sizes,
                                                         self.shards.sha256 or [None] * len(self.shards.urls))}

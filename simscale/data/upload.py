@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 from simscale.data import remote
-from simscale.data.prepare import REPORT
-from simscale.data.shards import MANIFEST
+from simscale.data.shards import MANIFEST, REPORT
 
 STATE = ".upload-state.json"
 

@@ -17,24 +17,19 @@ own input size. Grayscale and palette images are converted to RGB first.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from torch import nn
-from torchvision import transforms
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from simscale.data.remote import open_shard
+from simscale.data.labelled import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches,  # noqa: F401
+                                     sim_preprocessing)
+from simscale.data.remote import IOOptions
 from simscale.data.shards import ShardSet, resolve_shards
 from simscale.errors import CheckpointError, DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -88,124 +83,11 @@ def input_config(model: nn.Module) -> dict:
     return sim_preprocessing(int(size))
 
 
-def sim_preprocessing(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
-    """What `simscale export` writes into config.json (simscale.export.preprocessing)."""
-    return {"input_size": (3, img_size, img_size), "interpolation": "bicubic", "crop_pct": 0.875,
-            "crop_mode": "center", "mean": tuple(mean), "std": tuple(std)}
-
-
-def _to_rgb(image):
-    return image.convert("RGB")
-
-
-def eval_transform(img_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   data_config: dict | None = None) -> transforms.Compose:
-    """timm's eval transform (`create_transform`) for `data_config`, default SIM's at `img_size`."""
-    from timm.data import create_transform
-
-    data = data_config or sim_preprocessing(img_size, mean, std)
-    timm_transform = create_transform(**data, is_training=False)
-    return transforms.Compose([transforms.Lambda(_to_rgb), *timm_transform.transforms])
-
-
-_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
-_UNLABELLED, _UNDECODABLE = -1, -2
-
-
-def _decode_image(data: bytes):
-    """Image bytes -> PIL image, by PIL's image decoders only (shard members are never unpickled)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.copy()
-
-
-def _decode_label(data) -> int | None:
-    """A .cls member: an ASCII integer, else None."""
-    try:
-        return int(data.decode("ascii").strip()) if isinstance(data, bytes) and len(data) < 32 else None
-    except (UnicodeDecodeError, ValueError):
-        return None
-
-
-class _ImageAndLabel:
-    """raw sample dict -> (image tensor, label); a class, not a closure, so workers can pickle it.
-
-    Only the image member and `.cls` are read, with the explicit decoders above; every other
-    member (.pyd, .pkl, .pth, .json, ...) is ignored unread. webdataset's `.decode()` is not used:
-    its default handlers unpickle .pyd/.pkl and torch.load .pth members.
-    """
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, sample: dict):
-        data = next((sample[k] for k in _IMAGE_MEMBERS if isinstance(sample.get(k), bytes)), None)
-        label = _decode_label(sample.get("cls"))
-        # Bad samples are flagged rather than raised here: an error inside a DataLoader worker
-        # would reach the user as a multi-line traceback.
-        if data is None or label is None:
-            return torch.zeros(3, 1, 1), _UNLABELLED, str(sample.get("__key__"))
-        try:
-            return self.transform(_decode_image(data)), label, ""
-        except Exception:  # noqa: BLE001 - a corrupt image is named by the caller, not traced
-            return torch.zeros(3, 1, 1), _UNDECODABLE, f"{sample.get('__key__')} in {sample.get('__url__')}"
-
-
-def _collate(items):
-    bad = next(((y, key) for _, y, key in items if y < 0), None)
-    if bad is not None:
-        return None, bad
-    return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])
-
-
-def _opened(entries):
-    """webdataset's url_opener stage, through simscale's opener: local paths and URLs (remote.py)."""
-    for entry in entries:
-        with open_shard(entry["url"]) as stream:  # closed once the expander asks for the next shard
-            yield dict(entry, stream=stream)
-
-
-def _loader(shards: ShardSet, transform, batch_size: int, workers: int):
-    # Every process reads every shard, in order: evaluation is not split across ranks.
-    dataset = wds.DataPipeline(
-        wds.SimpleShardList(shards.urls), wds.split_by_worker,
-        _opened, tar_file_expander, group_by_keys,  # raw bytes: only the image and .cls are decoded
-        wds.map(_ImageAndLabel(transform)),
-    )
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(shards.urls)),
-                                       collate_fn=_collate)
-
-
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The model's pooled pre-logits (cls token for global_pool='token'); any timm model."""
     if hasattr(model, "forward_head"):
         return model.forward_head(model.forward_features(images), pre_logits=True)
     return model(images)
-
-
-def labelled_batches(shard_set: ShardSet, transform, batch_size: int, workers: int):
-    """(images, labels) batches of labelled shards; a damaged shard, an undecodable image or an
-    unlabelled sample is one DataError line naming it (never a worker's traceback)."""
-    batches = iter(_loader(shard_set, transform, batch_size, workers))
-    while True:
-        try:
-            images, y = next(batches)
-        except StopIteration:
-            return
-        except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
-            # a truncated or damaged tar (webdataset raises it inside a worker, with a trace)
-            raise DataError(f"shards '{shard_set.urls[0]}'... cannot be read ({type(exc).__name__}): check "
-                            "them with `simscale prepare --verify DIR`") from None
-        if images is None:
-            code, key = y
-            if code == _UNDECODABLE:
-                raise DataError(f"sample {key} cannot be decoded as an image: check the shards with "
-                                "`simscale prepare --verify DIR` and re-run `simscale prepare`")
-            raise DataError(f"shards '{shard_set.urls[0]}'... hold samples without an image or a .cls "
-                            "label: prepare them from class folders (`simscale prepare CLASS_DIR`)")
-        yield images, y
 
 
 @torch.no_grad()  # not inference_mode: the linear probe trains on these tensors
@@ -217,13 +99,14 @@ def extract_features(
     img_size: int | None = None,
     mean=None,
     std=None,
+    opts: IOOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every labelled sample of `shards`: (features [N, D] float32 on CPU, labels [N] int64).
 
     `model` is a live module (in-training eval; training mode is restored after) or one from
     `load_encoder`. Features are not normalised here; the k-NN normalises, the probe standardises.
     """
-    shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
+    shard_set = resolve_shards(shards, opts) if isinstance(shards, str) else shards
     data = input_config(model)
     if img_size:
         data["input_size"] = (3, img_size, img_size)
@@ -234,7 +117,7 @@ def extract_features(
     model.eval()
     feats, labels = [], []
     try:
-        for images, y in labelled_batches(shard_set, transform, batch_size, workers):
+        for images, y in labelled_batches(shard_set, transform, batch_size, workers, opts):
             out = pooled_features(model, images.to(param.device, param.dtype))
             feats.append(out.float().cpu())
             labels.append(y)
@@ -246,15 +129,15 @@ def extract_features(
 
 
 def pixel_features(shards: str | ShardSet, img_size: int, batch_size: int = 256,
-                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   workers: int = 0, opts: IOOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw-pixel baseline: each image after the eval transform, flattened ([N, 3*S*S]).
 
     Any encoder is worth what it adds over its own input: `simscale eval knn --pixels` scores
     these with the same k-NN as an encoder's features."""
-    shard_set = resolve_shards(shards) if isinstance(shards, str) else shards
+    shard_set = resolve_shards(shards, opts) if isinstance(shards, str) else shards
     transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
     feats, labels = [], []
-    for images, y in labelled_batches(shard_set, transform, batch_size, workers):
+    for images, y in labelled_batches(shard_set, transform, batch_size, workers, opts):
         feats.append(images.flatten(1))
         labels.append(y)
     if not feats:

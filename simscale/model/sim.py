@@ -27,7 +27,7 @@ from simscale.data.masking import num_masked
 from simscale.loss import unigrad_loss
 from simscale.model.decoder import Predictor, Projector
 from simscale.model.encoder import Encoder, visible_indices
-from simscale.train.zero import gathered as _gathered  # imports deepspeed only for ZeRO-3 params
+from simscale.zero import gathered as _gathered  # imports deepspeed only for ZeRO-3 params
 
 
 class Branch(nn.Module):

@@ -29,7 +29,7 @@ from rich.console import Console
 from simscale.checksum import ALGORITHM, file_digest
 from simscale.errors import CheckpointError
 from simscale.train.rank_state import load_rank_state, save_rank_state
-from simscale.train.weights_only import weights_only_loads
+from simscale.train.weights_only import loading_through_deepspeed
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -314,15 +314,10 @@ class Checkpointer:
                 f"checkpoint '{tag_dir}' was written by {meta['world_size']} ranks, this run has "
                 f"{self.world_size}: resume with the same number of processes"
             )
-        try:
-            with weights_only_loads():
-                path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False, load_module_strict=True)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
-            raise CheckpointError(f"DeepSpeed could not load '{tag_dir}' ({type(exc).__name__}); the checkpoint "
-                                  "is damaged: delete it to resume from the previous one") from None
+        with loading_through_deepspeed(lambda exc: f"DeepSpeed could not load '{tag_dir}' ({type(exc).__name__}); "
+                                       "the checkpoint is damaged: delete it to resume from the previous one"):
+            path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load '{tag_dir}': the checkpoint is damaged; "
                                   "delete it to resume from the previous one")

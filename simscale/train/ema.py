@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from simscale.errors import CheckpointError
-from simscale.train.zero import PersistentRefresh, fp32_source, full_numel, full_shape, is_partitioned, local_slice
+from simscale.zero import PersistentRefresh, fp32_source, full_numel, full_shape, is_partitioned, local_slice
 
 
 class ShardedEMA:

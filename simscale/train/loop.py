@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,45 +18,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from simscale.config import Config, resolve_lr, save_yaml, to_dict
-from simscale.data.partitions import auto_partitions, partition_problem
-from simscale.errors import CheckpointError, SimscaleError
-from simscale.train import universal
+from simscale.config import Config, resolve_lr, to_dict
+from simscale.data.remote import IOOptions
+from simscale.errors import SimscaleError
+from simscale.train import resume as resuming
 from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
 from simscale.train.ema import ShardedEMA
 from simscale.train.host_memory import keep_freed_host_memory
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
-from simscale.train.resume import fingerprint_changes, global_batch_of, peek, rank_seed
+from simscale.train.loop_state import LoopState
 from simscale.train.schedules import Schedule
 from simscale.train.watchdog import on_failure, set_phase
 from simscale.train.zero_init import partitioned_init
-from simscale.train.zero import full_shape
-
-
-@dataclass
-class LoopState:
-    """Everything besides DeepSpeed's own files that a resume needs, per rank."""
-    step: int = 0  # optimizer steps attempted (applied or skipped)
-    epoch: int = 0
-    samples_in_epoch: int = 0  # data position: samples of `epoch`'s global order consumed (any world size)
-    ema_pending: bool = False  # online weights moved since the last EMA update
-    skipped: int = 0
-    nonfinite_streak: int = 0
-    losses: list[float] = field(default_factory=list)  # the last 1000 per-step mean losses
-
-    def rng(self) -> dict[str, Any]:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+from simscale.zero import full_shape
 
 
 def param_groups(model) -> list[dict[str, Any]]:
@@ -71,34 +46,36 @@ def param_groups(model) -> list[dict[str, Any]]:
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto", dist_info: DistInfo | None = None,
                  live_progress: bool = False):
-        """`live_progress`: a rich bar (stderr is a terminal) rather than plain log lines; the CLI decides."""
-        import deepspeed
-
-        from simscale.data.stream import TwoViewStream
-        from simscale.model.flops import model_flops_per_sample, train_flops_per_sample
-        from simscale.model.sim import SIM
-
+        """config -> data -> model -> engine -> restore. `live_progress`: a rich bar (stderr is a
+        terminal) rather than plain log lines; the CLI decides."""
         self.info = dist_info or init_distributed(cfg.run.collective_timeout_s)
         self.cfg, lr_msg = resolve_lr(cfg, self.info.world_size)
-        # data.partitions is fixed for the run (its data position counts in them): 0 resolves now,
-        # is saved with the config, and a resume takes the checkpoint's (_adopt_partitions).
-        self._partitions_asked = self.cfg.data.partitions
-        self.cfg.data.partitions = self._partitions_asked or auto_partitions(
-            self.info.world_size, self.cfg.optim.batch_size, self.cfg.data.num_workers)
-        self._lr_rule = cfg.optim.lr <= 0  # an explicit optim.lr is never scaled, also not on resume
         self.run_dir = Path(self.cfg.run.dir)
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.cfg, self.run_dir / "config.yaml")
         self.ckpt = Checkpointer(self.run_dir, self.info.rank, self.info.world_size, self.cfg.run.keep_last)
-        # Before the engine: resuming on another world size changes the DeepSpeed config.
-        set_phase("resume")
-        self.plan = peek(self.ckpt, resume, self.info.world_size)
-        self.load_dir = self._prepare_resume()
-        seed = self.cfg.run.seed
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)  # identical init on every rank
+        set_phase("resume")  # before the engine: resuming on another world size changes the DeepSpeed config
+        self.plan = resuming.prepare(self.cfg, self.info, self.ckpt, resume, lr_rule=cfg.optim.lr <= 0)
+        random.seed(self.cfg.run.seed)
+        np.random.seed(self.cfg.run.seed)
+        torch.manual_seed(self.cfg.run.seed)  # identical init on every rank
+        self._build_data()
+        self._build_engine()
+        # Model-side randomness (drop path) differs per rank from here on; init above was identical
+        # and data randomness has its own generators (stream.py).
+        torch.manual_seed(self.cfg.run.seed + self.info.rank)
+        self._build_outputs(live_progress)
+        self.sink.print(f"simscale: {self.cfg.preset}, world {self.info.world_size} ({self.info.backend}), "
+                        f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
+                        f"{self.schedule.total_steps} steps of global batch "
+                        f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")
+        self.state = resuming.restore(self.engine, self.ema, self.plan, self.schedule, self.sink)
+        P = self.stream.partitions
+        self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
+                        f"{self.stream.num_workers} loader worker(s) each); a resume fits any number of ranks "
+                        f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
+
+    def _build_data(self) -> None:
+        """The rank's stream and the schedule its epoch length gives."""
+        from simscale.data.stream import TwoViewStream
 
         self.stream = TwoViewStream(self.cfg, rank=self.info.rank, world_size=self.info.world_size)
         self.accum = self.cfg.optim.grad_accum
@@ -111,6 +88,12 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.schedule = Schedule.from_config(self.cfg, steps_per_epoch)
 
+    def _build_engine(self) -> None:
+        """The SIM model under DeepSpeed (built into ZeRO-3 partitions where asked), and its EMA."""
+        import deepspeed
+
+        from simscale.model.sim import SIM
+
         on_cpu = self.info.device.type == "cpu"
         if on_cpu:  # before the engine's buffers exist: DeepSpeed's per-step flat copies reuse the heap
             keep_freed_host_memory()
@@ -118,10 +101,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (loss, fp32 runs) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         self.ds_config = build_ds_config(self.cfg, self.info.world_size, on_cpu)
-        if self.plan is not None and self.plan.universal:
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        dtype = torch.bfloat16 if self.cfg.deepspeed.precision == "bf16" else torch.float32
-        self.dtype = dtype
+        self.plan.adjust(self.ds_config)
+        self.dtype = torch.bfloat16 if self.cfg.deepspeed.precision == "bf16" else torch.float32
         if self.cfg.deepspeed.zero_stage == 3:
             # Build straight into partitions: ViT-H/g never exist whole on one rank. No `dtype=`:
             # DeepSpeed 0.19.8 ignores it on accelerators without fp16 (CPU) and picks bf16; the
@@ -136,13 +117,14 @@ class Trainer:
                                                     config=self.ds_config)
         self.model = self.engine.module
         self.ema = ShardedEMA(self.model.ema_pairs())
-        # Model-side randomness (drop path) differs per rank from here on; init above was identical
-        # and data randomness has its own generators (stream.py).
-        torch.manual_seed(seed + self.info.rank)
+
+    def _build_outputs(self, live_progress: bool) -> None:
+        """Throughput accounting, the metrics sink, and the online k-NN monitor."""
+        from simscale.model.flops import model_flops_per_sample, train_flops_per_sample
+
         self.flops_per_sample = train_flops_per_sample(self.cfg)  # executed: HFU
         self.model_flops_per_sample = model_flops_per_sample(self.cfg)  # without recomputation: MFU
         self.peak = device_peak_flops()
-        self.state = LoopState()
         self._unread: list[torch.Tensor] = []  # per-step mean losses (device) not yet in state.losses
         self.sink = MetricsSink(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                                 self.schedule.total_steps, live=live_progress)
@@ -151,97 +133,8 @@ class Trainer:
         if self.cfg.eval.every:
             from simscale.train.online_knn import OnlineKNN
 
-            self.knn = OnlineKNN(self.cfg.eval, self.cfg.model.img_size, self.info.device, dtype,
-                                 self.cfg.model.pool)
-        self.sink.print(f"simscale: {self.cfg.preset}, world {self.info.world_size} ({self.info.backend}), "
-                        f"ZeRO-{self.cfg.deepspeed.zero_stage} {self.cfg.deepspeed.precision}, "
-                        f"{self.schedule.total_steps} steps of global batch "
-                        f"{self.cfg.optim.batch_size * self.accum * self.info.world_size}; {lr_msg}")
-        self._resume()
-        P = self.stream.partitions
-        self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
-                        f"{self.stream.num_workers} loader worker(s) each); a resume fits any number of ranks "
-                        f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
-
-    # -- resume -----------------------------------------------------------------------------------
-    def _prepare_resume(self) -> Path | None:
-        """The fingerprint check, and on a world-size change the universal folder (converted once
-        by rank 0) that DeepSpeed will load; None when nothing is resumed."""
-        plan = self.plan
-        if plan is None:
-            return None
-        saved_cfg = plan.meta["config"]
-        self._changes = fingerprint_changes(saved_cfg, to_dict(self.cfg), plan.meta["world_size"],
-                                            self.info.world_size, plan.tag_dir)
-        self._adopt_partitions(saved_cfg.get("data", {}).get("partitions", 0), plan.tag_dir)
-        old_gb = global_batch_of(saved_cfg, plan.meta["world_size"])
-        new_gb = global_batch_of(to_dict(self.cfg), self.info.world_size)
-        if old_gb != new_gb or saved_cfg["optim"].get("lr") != self.cfg.optim.lr:
-            how = "the lr rule re-applied" if self._lr_rule else "optim.lr set explicitly, not scaled"
-            self._changes.append(f"global batch {old_gb} -> {new_gb}, lr {saved_cfg['optim'].get('lr', 0):.3e} -> "
-                                 f"{self.cfg.optim.lr:.3e} ({how})")
-        if not plan.universal or universal.is_universal(plan.meta):
-            return plan.tag_dir
-        return universal.prepare(plan.tag_dir, self.run_dir, self.info.rank)
-
-    def _resume(self) -> None:
-        if self.plan is None:
-            return
-        tag_dir = self.plan.tag_dir
-        if self.plan.universal:
-            universal.load_engine(self.engine, self.load_dir)
-            saved = universal.load_state(self.load_dir)
-            self.ema.load_full(saved["ema"], self.info.rank)
-        else:
-            saved = self.ckpt.load(self.engine, tag_dir)
-            self.ema.load_state_dict(saved["ema"])
-        defaults = dataclasses.asdict(LoopState())
-        loop = {k: v for k, v in saved["loop"].items() if k in defaults}
-        wrong = [k for k, v in loop.items() if type(v) is not type(defaults[k]) and
-                 not (isinstance(defaults[k], float) and isinstance(v, int))]
-        if wrong:
-            raise SimscaleError(f"loop state in '{tag_dir}' has a wrong type for '{wrong[0]}': "
-                                "resume from another checkpoint")
-        self.state = LoopState(**loop)
-        if self.plan.universal:
-            # Per-rank state of another world has no rank-to-rank mapping: every rank continues from
-            # rank 0's loop state, and model-side randomness is re-seeded per (seed, step, rank).
-            seed = rank_seed(self.cfg.run.seed, self.state.step, self.info.rank)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            self._changes.append("every rank continues from rank 0's loop state (step, epoch, data position); "
-                                 "model RNG re-seeded from (run.seed, step, rank)")
-        else:
-            try:
-                _set_rng(saved["rng"])
-            except (ValueError, TypeError, RuntimeError, IndexError) as exc:
-                raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
-                                    "resume from another checkpoint") from None
-        if self._changes:
-            self.sink.print(f"resume changes: {'; '.join(self._changes)}")
-        self.sink.drop_after(self.state.step)  # the steps about to be replayed are logged again
-        self.sink.print(f"resumed from {tag_dir} at step {self.state.step} (epoch {self.state.epoch}, "
-                        f"sample {self.state.samples_in_epoch} of its global order)")
-
-    def _adopt_partitions(self, saved: int, tag_dir: Path) -> None:
-        """Continue in the data partitions the run started with (the data position counts in them).
-        Runs before the stream is built (from `_prepare_resume`), so the stream starts in them."""
-        if not saved:
-            raise CheckpointError(f"checkpoint '{tag_dir}' keeps a per-rank data position (written before "
-                                  "data.partitions existed): this simscale cannot resume it; use a new run.dir")
-        if self._partitions_asked and self._partitions_asked != saved:
-            raise CheckpointError(f"checkpoint '{tag_dir}' was written with data.partitions={saved}, this run asks "
-                                  f"for {self._partitions_asked}: drop the override (0 keeps the recorded one) "
-                                  "or use a new run.dir")
-        if saved == self.cfg.data.partitions:
-            return
-        problem = partition_problem(saved, self.info.world_size, self.cfg.optim.batch_size)
-        if problem:
-            raise CheckpointError(f"resuming '{tag_dir}': the run's recorded {problem}")
-        self.cfg.data.partitions = saved
-        if self.info.is_main:
-            save_yaml(self.cfg, self.run_dir / "config.yaml")
+            self.knn = OnlineKNN(self.cfg.eval, self.cfg.model.img_size, self.info.device, self.dtype,
+                                 self.cfg.model.pool, IOOptions.from_config(self.cfg.data))
 
     def save(self) -> Path:
         set_phase("checkpoint save")
@@ -291,7 +184,6 @@ class Trainer:
             set_phase("train step")
             data_wait += time.perf_counter() - t0
             view_a, view_b, geometry, mask = self._to_device(batch)
-            view_a = self._fault_inputs(view_a)
             out = self.engine(view_a, view_b, geometry, mask)
             loss, stats = self.model.loss(out)
             self.engine.backward(loss)
@@ -329,13 +221,6 @@ class Trainer:
         self.state.losses.extend(pending.tolist())
         del self.state.losses[:-1000]  # bounded: metrics.jsonl keeps the full history
         return self.state.losses[-1]
-
-    # -- test seams: no-ops here; tests/train/faults.py overrides them (NaN inputs, a hard crash) --
-    def _fault_inputs(self, view_a: torch.Tensor) -> torch.Tensor:
-        return view_a
-
-    def _fault_after_step(self) -> None:
-        pass
 
     # -- online k-NN ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -406,7 +291,6 @@ class Trainer:
                     self.evaluate()
                 if s.step % cfg.run.save_every == 0 or s.step == total:
                     self.save()
-                self._fault_after_step()
         finally:
             self.sink.close()
         self.read_losses()

@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from simscale.config import EvalConfig
+from simscale.data.remote import IOOptions
 from simscale.data.shards import resolve_shards
 from simscale.errors import DataError
-from simscale.eval.knn import knn_top1
+from simscale.knn import knn_top1
 
 
 def _world() -> tuple[int, int]:
@@ -33,17 +34,18 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def load_split(spec: str, img_size: int, limit: int, rank: int, world: int) -> tuple[Tensor, Tensor, int]:
+def load_split(spec: str, img_size: int, limit: int, rank: int, world: int,
+               opts: IOOptions | None = None) -> tuple[Tensor, Tensor, int]:
     """This rank's share of a labelled split as eval-transformed float images.
 
     Returns (images [n_pad, 3, S, S], labels [n_pad] with -1 on padding rows, total count).
     """
-    from simscale.eval.features import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
+    from simscale.data.labelled import IMAGENET_MEAN, IMAGENET_STD, eval_transform, labelled_batches
 
-    shards = resolve_shards(spec)
+    shards = resolve_shards(spec, opts)
     transform = eval_transform(img_size, IMAGENET_MEAN, IMAGENET_STD)
     images, labels = [], []
-    for x, y in labelled_batches(shards, transform, batch_size=256, workers=0):
+    for x, y in labelled_batches(shards, transform, batch_size=256, workers=0, opts=opts):
         images.append(x)
         labels.append(y)
         if sum(len(t) for t in labels) >= limit:
@@ -71,13 +73,14 @@ def pooled(encoder: nn.Module, images: Tensor, pool: str = "token") -> Tensor:
 
 class OnlineKNN:
     def __init__(self, cfg: EvalConfig, img_size: int, device: torch.device, dtype: torch.dtype,
-                 pool: str = "token"):
+                 pool: str = "token", io: IOOptions | None = None):
+        """`io`: the run's shard I/O options (data.io_*, data.cache_*), as the training stream uses."""
         self.cfg, self.device, self.dtype, self.pool = cfg, device, dtype, pool
         self.rank, self.world = _world()
         self.train_x, self.train_y, self.n_train = load_split(cfg.train, img_size, cfg.max_samples,
-                                                              self.rank, self.world)
+                                                              self.rank, self.world, io)
         self.val_x, self.val_y, self.n_val = load_split(cfg.val, img_size, cfg.max_samples,
-                                                        self.rank, self.world)
+                                                        self.rank, self.world, io)
 
     @torch.no_grad()
     def _features(self, encoder: nn.Module, images: Tensor) -> Tensor:

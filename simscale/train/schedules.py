@@ -20,6 +20,7 @@ class Schedule:
     wd_end: float
     m0: float
     m_end: float
+    steps_per_epoch: int = 0  # what epochs-based keys were resolved with
 
     @classmethod
     def from_config(cls, cfg: Config, steps_per_epoch: int) -> "Schedule":
@@ -29,7 +30,7 @@ class Schedule:
         if o.lr <= 0:
             raise ValueError("optim.lr must be resolved (config.resolve_lr) before building the schedule")
         return cls(max(total, 1), min(warm, max(total, 1)), o.lr, o.min_lr, o.weight_decay,
-                   o.weight_decay_end, cfg.ema.momentum, cfg.ema.momentum_end)
+                   o.weight_decay_end, cfg.ema.momentum, cfg.ema.momentum_end, steps_per_epoch)
 
     def _cos(self, start: float, end: float, t: float) -> float:
         """Cosine from start (t=0) to end (t=1)."""

@@ -37,7 +37,7 @@ from simscale.errors import CheckpointError
 from simscale.train.checkpoint import COMPLETE, _atomic_write, os_reason, read_meta, verify
 from simscale.train.ema import consolidate
 from simscale.train.rank_state import load_ema, load_rank_state
-from simscale.train.weights_only import weights_only_loads
+from simscale.train.weights_only import loading_through_deepspeed, weights_only_loads
 
 FORMAT = "simscale-universal/1"
 STATE = "simscale_universal"
@@ -169,16 +169,12 @@ def load_engine(engine, udir: Path) -> None:
     level = ds_logger.level
     ds_logger.setLevel("ERROR")  # its universal path warns "MPU is not provided" on every load: no TP here
     try:
-        with weights_only_loads():
+        with loading_through_deepspeed(lambda exc: f"DeepSpeed could not load the universal checkpoint '{udir}' "
+                                       f"({type(exc).__name__}: {_line(exc)}); delete it to convert again, or "
+                                       "resume on the number of ranks that wrote the checkpoint"):
             path, _ = engine.load_checkpoint(str(udir.parent), tag=udir.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=False, load_module_strict=True)
             saved = torch.load(_model_states_file(udir), map_location="cpu")
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever a hostile or damaged file makes DeepSpeed raise
-        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint '{udir}' ({type(exc).__name__}: "
-                              f"{_line(exc)}); delete it to convert again, or resume on the number of "
-                              "ranks that wrote the checkpoint") from None
     finally:
         ds_logger.setLevel(level)
     if path is None:

@@ -12,8 +12,9 @@ classes and an enum whose unpickling sets attributes and calls no method of thei
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -48,3 +49,21 @@ def weights_only_loads() -> Iterator[None]:
             yield
     finally:
         torch.load = original
+
+
+@contextlib.contextmanager
+def loading_through_deepspeed(problem: Callable[[BaseException], str], quiet: bool = False) -> Iterator[None]:
+    """The one way simscale lets DeepSpeed read a checkpoint: under `weights_only_loads`, and any
+    exception DeepSpeed raises (whatever a hostile or damaged file makes it raise) becomes one
+    CheckpointError line, `problem(exc)`. `quiet`: its stdout/stderr chatter is swallowed."""
+    try:
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            stack.enter_context(weights_only_loads())
+            yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring: named, never a trace
+        raise CheckpointError(problem(exc)) from None

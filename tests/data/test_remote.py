@@ -34,12 +34,6 @@ def http(root):
         yield srv
 
 
-@pytest.fixture(autouse=True)
-def _default_io():
-    yield
-    remote.configure(remote.IOOptions())  # no test leaks its options into the next
-
-
 def cfg_for(train, workers=0, **data):
     overrides = [f"data.train={train}", f"data.num_workers={workers}", "optim.batch_size=4",
                  "data.shuffle_buffer=8", "run.seed=3"] + [f"data.{k}={v}" for k, v in data.items()]

@@ -1,4 +1,4 @@
-"""The model package knows nothing of DeepSpeed: ZeRO internals live in simscale/train/zero.py."""
+"""The model package knows nothing of DeepSpeed: ZeRO internals live in simscale/zero.py."""
 import re
 import subprocess
 import sys

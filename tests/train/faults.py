@@ -1,7 +1,8 @@
 """Test-only fault injection: Trainer subclasses that poison a step's inputs or crash after a step.
 
-The trainer has two no-op seams (`_fault_inputs`, `_fault_after_step`); nothing about faults is
-in the user config. To crash a real CLI run, start this module instead of `simscale`:
+The product has no fault seams: these subclasses override ordinary Trainer methods (`_to_device`
+for poisoned inputs; `train_step` for "after step N", which runs once step N's eval and
+checkpoint are done); nothing about faults is in the user config. To crash a real CLI run, start this module instead of `simscale`:
 
     torchrun ... -m tests.train.faults --crash-after N train --preset tiny ...
 
@@ -33,8 +34,9 @@ def nan_at(step: int) -> type[loop.Trainer]:
     """A Trainer whose step number `step` (1-based, as logged and checkpointed) sees NaN inputs."""
 
     class NanAt(loop.Trainer):
-        def _fault_inputs(self, view_a: torch.Tensor) -> torch.Tensor:
-            return view_a * float("nan") if self.state.step + 1 == step else view_a
+        def _to_device(self, batch):
+            view_a, *rest = super()._to_device(batch)
+            return (view_a * float("nan") if self.state.step + 1 == step else view_a, *rest)
 
     return NanAt
 
@@ -43,9 +45,10 @@ def crash_after(step: int) -> type[loop.Trainer]:
     """A Trainer that hard-exits (no cleanup, no final checkpoint) once `step` steps are done."""
 
     class CrashAfter(loop.Trainer):
-        def _fault_after_step(self) -> None:
-            if self.state.step == step:
+        def train_step(self, batches, read: bool = True):
+            if self.state.step == step:  # step `step` is done, evaluated and saved
                 os._exit(17)
+            return super().train_step(batches, read)
 
     return CrashAfter
 
@@ -58,9 +61,9 @@ def fault_after(step: int, rank: int, what: str) -> type[loop.Trainer]:
     """A Trainer whose rank `rank` raises (what='raise') or stops itself (what='stop') after `step` steps."""
 
     class FaultAfter(loop.Trainer):
-        def _fault_after_step(self) -> None:
-            if self.state.step != step or not _on_rank(rank):
-                return
+        def train_step(self, batches, read: bool = True):
+            if self.state.step != step or not _on_rank(rank):  # step `step` is done, evaluated and saved
+                return super().train_step(batches, read)
             print(f"fault: rank {rank} {what}s after step {step} at {time.time():.3f}", flush=True)
             if what == "stop":
                 os.kill(os.getpid(), signal.SIGSTOP)
