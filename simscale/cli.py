@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                       "fix it and rerun", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
+        from simscale.train import watchdog  # a training run names its step and the resume command
+
+        line = watchdog.interrupted_line(watchdog.current_phase()) if watchdog.has_resume_hint() else "interrupted"
+        console.print(f"[yellow]{line}[/yellow]", highlight=False, soft_wrap=True)
         return 130
 
 

@@ -170,10 +170,28 @@ class EvalConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike rollback (train/spike.py; PaLM's procedure): a step is bad when its loss is not
+    finite or exceeds `factor` x the running median of the last `window` good losses; `steps` bad
+    steps in a row roll back to the last checkpoint before them and skip the data read since it."""
+    enabled: bool = key(True, "roll back and skip the data window on a loss spike")
+    factor: float = key(3.0, "a loss above factor x the running median of good losses is bad", "(1, inf)")
+    steps: int = key(3, "consecutive bad steps that trigger a rollback", "[1, inf)")
+    window: int = key(100, "good losses in the running median", "[1, inf)")
+    min_history: int = key(20, "good losses needed before a loss can count as a spike (non-finite always counts)",
+                           "[1, inf)")
+    max_rollbacks: int = key(3, "rollbacks per run; one more spike stops the run with one line", "[0, inf)")
+
+
+@dataclass
 class RunConfig:
     dir: str = key("runs/sim", "run directory: config, checkpoints, metrics, report")
     seed: int = key(0, "seed of init, data order and augmentations", "[0, 4294967295]")
     save_every: int = key(1000, "steps; a checkpoint is also written at the end", "[1, inf)")
+    save_every_minutes: float = key(0.0, "also checkpoint by wall time (0: off): bounds the work a failure loses",
+                                    "[0, inf)")
+    stop_file: str = key("", "a path: when it appears, every rank saves at the next step boundary and stops")
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     keep_last: int = key(3, "checkpoints kept (older ones deleted)", "[1, inf)")
     max_nonfinite_streak: int = key(10, "consecutive skipped steps before the run stops", "[1, inf)")
     # Seconds a rank waits in a collective for the others before the job ends with one line naming

@@ -4,7 +4,8 @@ Plots (written to RUN_DIR/report/): loss.png (the UniGrad loss, and its align / 
 as logged by rank 0), schedule.png (lr, weight decay, EMA momentum), throughput.png (images/s,
 TFLOP/s per device, MFU on known GPUs), data_wait.png (fraction of each step spent waiting for
 data), knn.png (online k-NN top-1, when the run logged `knn_*` keys). summary.txt says the same
-in a few lines. Training writes the report at its end too. matplotlib draws off-screen (Agg via
+in a few lines. The run ledger (events.jsonl: restarts, failures, preemption saves, loss-spike
+rollbacks) is listed in summary.txt and marked on loss.png. Training writes the report at its end too. matplotlib draws off-screen (Agg via
 `Figure`, no pyplot state), so it works on headless nodes.
 """
 from __future__ import annotations
@@ -77,7 +78,29 @@ def _figure(rows: int, title: str):
     return fig, axes
 
 
-def plot(records: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
+_MARKS = {"failure": ("tab:red", "failure"), "interrupted": ("tab:red", "killed"),
+          "preempt": ("tab:orange", "preemption save"), "rollback": ("tab:purple", "spike rollback"),
+          "resume": ("tab:gray", "resume")}
+
+
+def _mark_events(ax, events: list[dict[str, Any]]) -> None:
+    """A vertical line per ledger record at its step, one legend entry per kind."""
+    labelled = set()
+    for e in events:
+        kind = e.get("kind")
+        step = e.get("step", e.get("last_known_step"))
+        if kind not in _MARKS or not isinstance(step, (int, float)):
+            continue
+        color, label = _MARKS[kind]
+        ax.axvline(step, color=color, linestyle=":", linewidth=1,
+                   label=None if kind in labelled else label)
+        labelled.add(kind)
+    if labelled:
+        ax.legend(fontsize=8, loc="best")
+
+
+def plot(records: list[dict[str, Any]], out: Path, name: str,
+         events: list[dict[str, Any]] | None = None) -> list[Path]:
     """Write the PNGs; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -89,6 +112,7 @@ def plot(records: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     loss_terms = keys_like(records, "loss_")
     fig, ax = _figure(3, f"{name}: UniGrad loss")
     _panel(ax[0], records, ["loss", *loss_terms], "loss")
+    _mark_events(ax[0], events or [])
     _panel(ax[1], records, keys_like(records, "align_"), "align term")
     _panel(ax[2], records, keys_like(records, "uniform_"), "uniform term")
     save(fig, "loss.png")
@@ -123,7 +147,7 @@ def _median(records, key) -> float | None:
     return statistics.median(y) if y else None
 
 
-def summary(records: list[dict[str, Any]], name: str) -> str:
+def summary(records: list[dict[str, Any]], name: str, events: list[dict[str, Any]] | None = None) -> str:
     first, last = records[0], records[-1]
     _, losses = series(records, "loss")
     tail = losses[-max(1, len(losses) // 10):]  # the last tenth of the logged steps
@@ -149,6 +173,9 @@ def summary(records: list[dict[str, Any]], name: str) -> str:
         x, y = series(records, key)
         if y:
             lines.append(f"{key}: {y[-1]:.4f} at step {x[-1]} (best {max(y):.4f})")
+    from simscale.events import summary_lines
+
+    lines += summary_lines(events or [])
     return "\n".join(lines)
 
 
@@ -158,8 +185,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[li
     out = Path(out) if out else run_dir / "report"
     records = read_metrics(run_dir)
     name = run_dir.resolve().name
-    files = plot(records, out, name)
-    text = summary(records, name)
+    from simscale.events import read_events
+
+    events = read_events(run_dir)
+    files = plot(records, out, name, events)
+    text = summary(records, name, events)
     (out / "summary.txt").write_text(text + "\n")
     return [*files, out / "summary.txt"], text
 

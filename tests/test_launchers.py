@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ROOT / "launchers"
-SCRIPTS = ["common.sh", "single_node.sh", "multi_node.sh", "slurm.sbatch", "torchrun.sh", "accelerate.sh"]
+SCRIPTS = ["common.sh", "single_node.sh", "multi_node.sh", "slurm.sbatch", "torchrun.sh", "accelerate.sh", "elastic.sh"]
 # Overrides with a space, quotes and a glob character must arrive as the same words.
 OVERRIDES = ["optim.batch_size=32", "run.dir=/tmp/a b", "data.train=/s/shard-{0..9}.tar", "x='y'*"]
 TRAIN = ["train", "--preset", "tiny", "--resume", "auto"]
@@ -137,6 +137,19 @@ def test_torchrun_single_and_multi_node():
     assert launch("torchrun.sh", NNODES="2").returncode != 0  # NODE_RANK required
 
 
+def test_elastic_restarts_through_torchrun_and_always_resumes_auto():
+    assert command("elastic.sh", *OVERRIDES, NPROC="2", RESUME="none", RUN_DIR="runs/x") == [
+        "torchrun", "--nnodes", "1:1", "--nproc_per_node", "2", "--max-restarts", "10", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "127.0.0.1:29400", "--rdzv-id", "simscale-x", "--rdzv-conf",
+        "join_timeout=600,last_call_timeout=15", "--monitor-interval", "1", "-m", "simscale",
+        *TRAIN, "run.dir=runs/x", *OVERRIDES]  # RESUME=none is overruled: every restart resumes
+    cmd = command("elastic.sh", "a=1", NPROC="8", NNODES="2:4", MAX_RESTARTS="3", RDZV_ENDPOINT="n0:29400",
+                  RDZV_ID="job7")
+    assert cmd[:15] == ["torchrun", "--nnodes", "2:4", "--nproc_per_node", "8", "--max-restarts", "3",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "n0:29400", "--rdzv-id", "job7", "--rdzv-conf",
+                        "join_timeout=600,last_call_timeout=15"]
+
+
 SLURM_BIN = dict(
     scontrol='[ "$1 $2" = "show hostnames" ] && [ "$3" = "gpu-[01-02]" ] && printf "gpu-01\\ngpu-02\\n"\n',
     # srun stand-in: run the task once per node with that node's SLURM_NODEID, like --ntasks-per-node 1.
@@ -169,6 +182,19 @@ def test_slurm_runs_one_launcher_per_node_with_its_rank(tmp_path):
                        "--master_addr", "gpu-01", "--master_port", "29999", "--num_gpus", "8",
                        "--no_local_rank", "--module", "simscale", *TRAIN, *OVERRIDES]
     assert len(lines) == 2
+
+
+def test_slurm_elastic_mode_runs_the_elastic_agent_on_every_node(tmp_path):
+    bin_dir = fake_bin(tmp_path, **SLURM_BIN, torchrun='printf "%q " torchrun "$@"; echo\n')
+    result = launch("slurm.sbatch", "a=1", dry=False, path_prefix=bin_dir, HOSTFILE=str(tmp_path / "hostfile"),
+                    SIMSCALE_DIR=str(ROOT), ELASTIC="1", MAX_RESTARTS="5", **SLURM_ENV)
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2 and lines[0] == lines[1]  # the same command on every node: the rendezvous ranks them
+    assert lines[0] == ["torchrun", "--nnodes", "1:2", "--nproc_per_node", "8", "--max-restarts", "5",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu-01:29821", "--rdzv-id", "simscale-4321",
+                        "--rdzv-conf", "join_timeout=600,last_call_timeout=15", "--monitor-interval", "1",
+                        "-m", "simscale", *TRAIN, "a=1"]
 
 
 def test_slurm_outside_an_allocation_says_so():

@@ -15,7 +15,8 @@ LAYERS = [
     ("zero/dist helpers", ["simscale.zero"]),
     # report.py reads a run's metrics files and depends on errors only; the trainer writes it at the
     # end of a run, so it sits below train (issue 24 listed it beside eval and export).
-    ("data, model, loss", ["simscale.data", "simscale.model", "simscale.loss", "simscale.knn", "simscale.report"]),
+    ("data, model, loss", ["simscale.data", "simscale.model", "simscale.loss", "simscale.knn", "simscale.report",
+                           "simscale.events"]),  # events.py: the run ledger train writes and report reads
     ("train", ["simscale.train"]),
     ("eval, export, info", ["simscale.eval", "simscale.export", "simscale.info"]),
     ("cli", ["simscale.cli", "simscale.__main__"]),

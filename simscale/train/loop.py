@@ -26,6 +26,7 @@ from simscale.train.checkpoint import Checkpointer
 from simscale.train.distributed import DistInfo, init_distributed
 from simscale.train.ds_config import build_ds_config
 from simscale.train.ema import ShardedEMA
+from simscale.train.healing import Healing
 from simscale.train.host_memory import keep_freed_host_memory
 from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.loop_state import LoopState
@@ -72,6 +73,7 @@ class Trainer:
         self.sink.print(f"data: {P} partitions of the epoch's sample order ({P // self.info.world_size} per rank, "
                         f"{self.stream.num_workers} loader worker(s) each); a resume fits any number of ranks "
                         f"dividing {P}, with an optim.batch_size that is a multiple of {P} / ranks")
+        self.heal = Healing(self)  # stop/save agreement, spike rollback, the run ledger
 
     def _build_data(self) -> None:
         """The rank's stream and the schedule its epoch length gives."""
@@ -218,7 +220,10 @@ class Trainer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(pending)
             pending /= dist.get_world_size()
-        self.state.losses.extend(pending.tolist())
+        values = pending.tolist()
+        self.state.losses.extend(values)
+        if hasattr(self, "heal"):
+            self.heal.saw_losses(self.state.step - len(values) + 1, values)
         del self.state.losses[:-1000]  # bounded: metrics.jsonl keeps the full history
         return self.state.losses[-1]
 
@@ -289,11 +294,13 @@ class Trainer:
                     self.sink.advance(step)
                 if self.knn is not None and (s.step % cfg.eval.every == 0 or s.step == total):
                     self.evaluate()
-                if s.step % cfg.run.save_every == 0 or s.step == total:
-                    self.save()
+                if self.heal.boundary(s.step % cfg.run.save_every == 0 or s.step == total, m["applied"]):
+                    batches.close()  # rolled back: the data goes on from where the spike was found
+                    batches, s = self._batches(), self.state
         finally:
             self.sink.close()
         self.read_losses()
+        self.heal.finished()
         if self.info.is_main:
             self._write_report()
         return s

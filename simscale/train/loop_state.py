@@ -19,6 +19,7 @@ class LoopState:
     skipped: int = 0
     nonfinite_streak: int = 0
     losses: list[float] = field(default_factory=list)  # the last 1000 per-step mean losses
+    rollbacks: int = 0  # loss-spike rollbacks so far (healing.py)
 
     def rng(self) -> dict[str, Any]:
         return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),

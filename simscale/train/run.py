@@ -25,8 +25,13 @@ def cli_main(args) -> int:
     from simscale.train.loop import train
     from simscale.train.watchdog import ends_job_on_failure
 
-    with ends_job_on_failure(cfg.run.collective_timeout_s):  # distributed: one line, the others end too
-        _train(cfg, args, train)
+    from simscale.train.preemption import Stopped
+
+    try:
+        with ends_job_on_failure(cfg.run.collective_timeout_s):  # distributed: one line, the others end too
+            _train(cfg, args, train)
+    except Stopped as stop:  # an agreed preemption save: its line is printed (healing.py)
+        return stop.code
     return 0
 
 

@@ -47,6 +47,34 @@ def on_failure(fn) -> None:
     _on_failure.append(fn)
 
 
+_on_failure_line: list = []
+_resume_hint = None
+
+
+def on_failure_line(fn) -> None:
+    """Call `fn(rank, phase, line, exit_code)` when this rank fails (the run ledger's record); the
+    latest trainer's replaces an earlier one (a process may build several, e.g. tests)."""
+    _on_failure_line[:] = [fn]
+
+
+def set_resume_hint(fn) -> None:
+    """`fn()` -> 'at step N; resume with: COMMAND', for the line of an interrupted (Ctrl-C) rank."""
+    global _resume_hint
+    _resume_hint = fn
+
+
+def has_resume_hint() -> bool:
+    return _resume_hint is not None
+
+
+def interrupted_line(phase: str) -> str:
+    try:
+        hint = _resume_hint() if _resume_hint is not None else ""
+    except Exception:  # noqa: BLE001 - the plain line is still true
+        hint = ""
+    return f"interrupted {hint} (during '{phase}')" if hint else f"interrupted during '{phase}'"
+
+
 def _run_on_failure() -> None:
     def run() -> None:
         for fn in list(_on_failure):
@@ -89,7 +117,7 @@ def describe(exc: BaseException, timeout_s: int) -> tuple[str, int, bool]:
     """(one line, exit code, is a bug) for what ended this rank; the caller puts the rank in front."""
     phase = current_phase()
     if isinstance(exc, KeyboardInterrupt):
-        return f"interrupted during '{phase}'", 130, False
+        return interrupted_line(phase), 130, False
     if isinstance(exc, SimscaleError):
         return str(exc), 2, False
     if _is_timeout(exc):
@@ -178,6 +206,14 @@ def _flush() -> None:
             pass
 
 
+def _tell_failure_line(rank: int, line: str, code: int) -> None:
+    for fn in _on_failure_line:
+        try:
+            fn(rank, current_phase(), line, code)
+        except Exception:  # noqa: BLE001 - the ledger is best effort; the line is printed anyway
+            pass
+
+
 @contextmanager
 def ends_job_on_failure(timeout_s: int):
     """Around training on every rank: see the module docstring. Single-process runs are left alone."""
@@ -185,13 +221,19 @@ def ends_job_on_failure(timeout_s: int):
         yield
     except BaseException as exc:
         notice = _notice
-        if notice is None or isinstance(exc, SystemExit) and not exc.code:
+        if isinstance(exc, SystemExit) and not exc.code or getattr(exc, "clean_stop", False):
+            if notice is not None:
+                notice.finished = True  # an agreed stop (preemption.Stopped): every rank leaves the same way
             raise
         line, code, bug = describe(exc, timeout_s)
+        if notice is None:  # one process: the CLI prints the line; the ledger still records it
+            _tell_failure_line(0, line, code)
+            raise
         if bug:
             traceback.print_exception(exc)
         console.print(f"[red]error:[/red] rank {notice.rank}: {line}", highlight=False, soft_wrap=True)
         _flush()
+        _tell_failure_line(notice.rank, line, code)
         notice.fail(line)
         _run_on_failure()
         _flush()

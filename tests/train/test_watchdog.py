@@ -90,3 +90,16 @@ def test_failure_notice_ends_another_process_within_seconds():
     assert "rank 1: stopping during 'eval' because rank 0 failed: disk on fire" in err.replace("\n", "")
     assert took < 5, took  # a blocking wait on the server, no polling interval
     assert server.add("simscale/failed/test/seen", 0) == 1  # it said it saw the notice
+
+
+def test_an_interrupted_rank_names_its_step_and_the_resume_command():
+    watchdog.set_phase("train step")
+    assert watchdog.describe(KeyboardInterrupt(), 600)[0] == "interrupted during 'train step'"
+    watchdog.set_resume_hint(lambda: "at step 7; resume with: simscale train --preset tiny --config r/config.yaml "
+                                     "--resume auto")
+    try:
+        line, code, bug = watchdog.describe(KeyboardInterrupt(), 600)
+    finally:
+        watchdog.set_resume_hint(None)
+    assert line == ("interrupted at step 7; resume with: simscale train --preset tiny --config r/config.yaml "
+                    "--resume auto (during 'train step')") and code == 130 and not bug
