@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU first contact in one call: install the carried wheels, check every import, then ONE Python
 # process (bench/gpu_bench.py): ViT-L/16 SIM bf16 throughput sweep (ZeRO-2/3, activation
-# checkpointing on/off, batch 64, 128, ... until OOM), a kernel profile of the best point,
-# model.compile on/off at one point, a 20-step `simscale train` killed and resumed and torch's
-# sync detector over the real Trainer's non-logging steps. At most 9 minutes; 3 files under $OUT.
+# checkpointing on/off, batch 64, 128, ... until OOM), a kernel profile of the best point and
+# model.compile on/off at one point (each in a fresh process it starts), a 20-step `simscale train`
+# killed and resumed and torch's sync detector over the real Trainer's non-logging steps. At most
+# 9 minutes; 3 files under $OUT.
 #
 #   bash bench/gpu.sh          # on the GPU machine, from the repository root; carry bench/wheels
 #   bash bench/gpu.sh --cpu    # the rehearsal: the same lines on CPU (tiny preset, fp32,

@@ -16,6 +16,8 @@ Phases, each guarded (a crash is recorded in the JSON and the next phase runs):
 4. compile: model.compile=true against eager at one ZeRO-2 point (the largest batch the sweep
    ran without recomputation, at most --compile-max-batch), one after the other; the compile
    time is the first step's.
+   Phases 3 and 4 each run in a fresh process (this script with --phase): nothing the sweep left
+   in torch (DeepSpeed's patches, dynamo's caches) reaches the kernels they measure (issue 21).
 5. train: `simscale train` as subprocesses on shards made here from generated images: 20 steps
    uninterrupted; the same run killed after step 14 (checkpoint at 10) and resumed with
    `--resume auto`; the per-step losses of the two are compared.
@@ -126,11 +128,12 @@ def build_engine(cfg, info):
     from simscale.train.ds_config import build_ds_config
     from simscale.train.ema import ShardedEMA
     from simscale.train.loop import param_groups
+    from simscale.train.zero_init import partitioned_init
 
     ds_cfg = build_ds_config(cfg, info.world_size, on_cpu=info.device.type == "cpu")
     torch.manual_seed(0)
     if cfg.deepspeed.zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        with partitioned_init(ds_cfg):  # torch left as it was (simscale/train/zero_init.py)
             model = SIM(cfg)
     else:
         with torch.device(info.device):  # initialise on the device: ViT-L's init is slow on CPU cores
@@ -314,6 +317,63 @@ def compile_point(args, info, budget: Budget, peak, matmul, results: dict) -> di
     return out
 
 
+def in_clean_process(name: str, args, budget: Budget, matmul: float, results: dict, work: Path) -> dict:
+    """Phase `name` (profile | compile) in a fresh Python process: this script with --phase, its
+    inputs and result as JSON in WORK/phase_NAME/. Its output goes to this process's stdout."""
+    io = work / f"phase_{name}"
+    io.mkdir(parents=True, exist_ok=True)
+    (io / "in.json").write_text(json.dumps({"args": vars(args), "budget_left_s": budget.left(), "matmul": matmul,
+                                            "results": results, "started": time.time()}))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # a world of 1 on a port of its own
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--phase-io", str(io)]
+    log("+ " + " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=max(budget.left(), 0) + 120)
+    out = io / "out.json"
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"the {name} process ended with rc {proc.returncode} (its traceback is above)")
+    res = json.loads(out.read_text())
+    if "error" in res:
+        raise RuntimeError(res["error"])
+    return res["result"]
+
+
+def exit_with_parent() -> None:
+    """gpu.sh's hard timeout ends the parent only: the child must not go on measuring alone."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def phase_main(name: str, io: Path) -> int:
+    """The child side of in_clean_process."""
+    exit_with_parent()
+    spec = json.loads((io / "in.json").read_text())
+    args, results = argparse.Namespace(**spec["args"]), spec["results"]
+    budget = Budget(spec["budget_left_s"] - (time.time() - spec["started"]))
+    from simscale.train.distributed import init_distributed
+
+    info = init_distributed()
+    log(f"{name}: a fresh process, ready {time.time() - spec['started']:.1f} s after its start")
+    try:
+        if name == "profile":
+            res = profile_best(args, info, results["best"], Path(args.out))
+        else:
+            res = compile_point(args, info, budget, results["peak_flops_datasheet"], spec["matmul"], results)
+        out = {"result": res}
+    except Exception as exc:
+        traceback.print_exc()
+        out = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    (io / "out.json").write_text(json.dumps(out))
+    return 0
+
+
 def sync_census(args, work: Path) -> dict:
     """bench/sync_census.py on the smoke phase's shards: torch's sync detector over the real
     Trainer's non-logging steps (a subprocess: a world of its own)."""
@@ -477,6 +537,8 @@ def parse(argv=None):
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--compile-max-batch", type=int, default=256)
     p.add_argument("--profile-max-batch", type=int, default=512)
+    p.add_argument("--phase", choices=("profile", "compile"), help=argparse.SUPPRESS)  # in_clean_process's child
+    p.add_argument("--phase-io", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.ckpt = [bool(c) for c in a.ckpt]
     if a.cpu:
@@ -484,7 +546,7 @@ def parse(argv=None):
         a.warmup = min(a.warmup, 1)
         a.batches = a.batches or [8, 16, 32]
         a.budget_s = a.budget_s or 1200  # generous: the rehearsal checks lines, not speed (shared CPUs)
-        a.reserve_s = 150  # profile + compile pair + trainer smoke + sync census after the sweep
+        a.reserve_s = 200  # profile + compile pair (2 fresh processes) + trainer smoke + sync census
         a.tail_s = 60  # trainer smoke + sync census: what the compile phase leaves untouched
         a.train_preset, a.train_batch, a.train_workers, a.train_timeout = "tiny", 8, 1, 120
         a.train_images, a.train_image_size = 48, 64
@@ -492,9 +554,10 @@ def parse(argv=None):
         a.preset, a.precision, a.profile_steps = "vit_l16", "bf16", 3
         a.batches = a.batches or [64, 128, 256, 512, 1024, 2048, 4096]
         a.budget_s = a.budget_s or 460
-        # profile (~30 s) + compile pair (2 builds, one compile, ~100 s) + trainer smoke (3 launches
-        # of vit_s16, ~90 s) + sync census (1 launch, ~30 s)
-        a.reserve_s = 250
+        # profile (~30 s) + compile pair (2 builds, one compile, ~100 s), each in a fresh process
+        # (~20 s of imports each) + trainer smoke (3 launches of vit_s16, ~90 s) + sync census (1
+        # launch, ~30 s)
+        a.reserve_s = 290
         a.tail_s = 120
         a.train_preset, a.train_batch, a.train_workers, a.train_timeout = "vit_s16", 64, 4, 150
         a.train_images, a.train_image_size = 256, 160
@@ -503,6 +566,8 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.phase:
+        return phase_main(args.phase, Path(args.phase_io))
     budget = Budget(args.budget_s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -539,10 +604,11 @@ def main(argv=None) -> int:
     if ok:
         best = max(ok, key=lambda r: r["img_per_s"])
         results["best"] = best
-        results["profile"] = phase("profile", results, profile_best, args, info, best, out)
+        results["profile"] = phase("profile", results, in_clean_process, "profile", args, budget, matmul or 1.0,
+                                   results, work)
     if ok and not args.skip_compile:
-        results["compile"] = phase("compile", results, compile_point, args, info, budget, peak, matmul or 1.0,
-                                   results)
+        results["compile"] = phase("compile", results, in_clean_process, "compile", args, budget, matmul or 1.0,
+                                   results, work)
     if not args.skip_train:
         results["train"] = phase("train", results, smoke_train, args, budget, work)
         results["syncs"] = phase("syncs", results, sync_census, args, work)

@@ -21,7 +21,7 @@ PYV=${1:-3.12}
 DEST=${2:-bench/wheels}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
-# Pinned to the versions the test suite runs with (pyproject.toml / the venv). typing-extensions
+# Pinned to the versions the test suite runs with (.ci/constraints.txt / the venv). typing-extensions
 # travels because pydantic 2.14 needs >= 4.16 and the image's version is not known.
 BUILT="deepspeed==0.19.8"
 DOWNLOADED="webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5

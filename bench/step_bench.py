@@ -50,6 +50,7 @@ def build(cfg, info, optimizer: str = "simscale"):
     from simscale.train.ds_config import build_ds_config
     from simscale.train.ema import ShardedEMA
     from simscale.train.loop import param_groups
+    from simscale.train.zero_init import partitioned_init
 
     ds_cfg = build_ds_config(cfg, info.world_size, on_cpu=info.device.type == "cpu")
     if optimizer != "simscale":  # torch's AdamW inside DeepSpeed (same math; no JIT-built FusedAdam)
@@ -58,7 +59,7 @@ def build(cfg, info, optimizer: str = "simscale"):
             ds_cfg["optimizer"]["params"]["fused"] = True
     torch.manual_seed(0)
     if cfg.deepspeed.zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        with partitioned_init(ds_cfg):  # torch left as it was (simscale/train/zero_init.py)
             model = SIM(cfg)
     else:
         model = SIM(cfg)

@@ -20,6 +20,37 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def supported_ranges() -> dict[str, str]:
+    """name -> the range simscale's installed metadata asks for (pyproject.toml's dependencies)."""
+    from packaging.requirements import Requirement  # packaging: a dependency of deepspeed
+
+    try:
+        reqs = [Requirement(r) for r in md.requires("simscale") or []]
+    except md.PackageNotFoundError:  # running from a checkout that was never installed
+        return {}
+    return {r.name.lower(): str(r.specifier) for r in reqs if r.marker is None}
+
+
+def in_range(version: str, spec: str) -> str:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if not spec or version == "not installed":
+        return "-" if not spec else "no"
+    try:
+        return "yes" if SpecifierSet(spec).contains(Version(version), prereleases=True) else "NO"
+    except InvalidVersion:
+        return "?"
+
+
+def torch_build_line() -> str:
+    """Which torch this is: its CUDA (or CPU-only) build and where it was imported from."""
+    import torch
+
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+    return f"torch {torch.__version__} ({build} build) from {os.path.dirname(torch.__file__)}"
+
+
 def accelerator_line() -> str:
     import torch
 
@@ -45,12 +76,15 @@ def cli_main(args) -> int:
         console.print(keys_table())
         return 0
     versions = Table(title="simscale info", show_header=True)
-    versions.add_column("package")
-    versions.add_column("version")
-    versions.add_row("python", platform.python_version())
+    for col in ("package", "version", "supported", "in range"):
+        versions.add_column(col)
+    versions.add_row("python", platform.python_version(), "", "")
+    ranges = supported_ranges()
     for name in PACKAGES:
-        versions.add_row(name, _version(name))
+        version, spec = _version(name), ranges.get(name, "")
+        versions.add_row(name, version, spec, in_range(version, spec) if name != "simscale" else "")
     console.print(versions)
+    console.print(torch_build_line())
     console.print(f"accelerator: {accelerator_line()}")
     presets = Table(title="presets", show_header=True)
     for col in ("preset", "timm arch", "img/patch", "dim x depth", "decoder D/heads", "ZeRO", "precision"):

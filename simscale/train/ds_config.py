@@ -71,6 +71,9 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict[str, Any
         zero.setdefault("stage3_param_persistence_threshold", d.persistence_threshold)
         zero.setdefault("stage3_prefetch_bucket_size", d.prefetch_bucket_size)
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", False)
+        # torch's own F.linear: DeepSpeed's replacement stays in torch after the engine is gone
+        # (simscale/train/zero_init.py), and compiled blocks got no weight gradient through it.
+        zero["memory_efficient_linear"] = False
     for kind, key in (("offload_optimizer", d.offload_optimizer), ("offload_param", d.offload_param)):
         if key != "none":
             entry = {"device": key, "pin_memory": not on_cpu}

@@ -33,6 +33,7 @@ from simscale.train.metrics import MetricsSink, device_peak_flops, memory_gb
 from simscale.train.loop_state import LoopState
 from simscale.train.schedules import Schedule
 from simscale.train.watchdog import on_failure, set_phase
+from simscale.train.zero_init import partitioned_init
 from simscale.zero import full_shape
 
 
@@ -110,7 +111,7 @@ class Trainer:
             # Build straight into partitions: ViT-H/g never exist whole on one rank. No `dtype=`:
             # DeepSpeed 0.19.8 ignores it on accelerators without fp16 (CPU) and picks bf16; the
             # config's bf16 flag is read correctly.
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            with partitioned_init(self.ds_config):  # torch as it was after the build (zero_init.py)
                 model = SIM(self.cfg)
         else:
             model = SIM(self.cfg)
