@@ -339,7 +339,7 @@ def test_a_local_shard_seeks_past_skipped_samples_and_yields_the_same_ones(shard
     import simscale.data.stream as st
 
     url = str(shards / "shard-000001.tar")
-    full = list(st._read_shard(url))
+    full = list(st._read_shard(url, None))
     read = []
     plain = st.tar_file_iterator
 
@@ -351,7 +351,7 @@ def test_a_local_shard_seeks_past_skipped_samples_and_yields_the_same_ones(shard
     assert len(full) == 5
     for k in range(len(full)):
         read.clear()
-        got = list(st._read_shard(url, skip=k))
+        got = list(st._read_shard(url, None, skip=k))
         assert [{x: v for x, v in g.items()} for g in got] == full[k:]
         assert len(read) == sum(len([x for x in s if not x.startswith("__")]) for s in full[k:])  # no more read
 
@@ -370,10 +370,10 @@ def test_skipping_into_a_shard_with_long_member_names_yields_the_same_samples(tm
                 info = tarfile.TarInfo(f"{'d' * 120}/{k:04d}.{ext}" if k % 2 else f"{k:04d}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    full = list(st._read_shard(url))
+    full = list(st._read_shard(url, None))
     assert len(full) == 4
     for k in range(4):
-        assert list(st._read_shard(url, skip=k)) == full[k:]
+        assert list(st._read_shard(url, None, skip=k)) == full[k:]
 
 
 def test_too_little_data_for_one_global_batch_names_the_batch_that_fits(shards):
