@@ -43,19 +43,24 @@ def record(run_dir: str | Path, kind: str, **fields: Any) -> None:
         pass
 
 
-def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / EVENTS
-    if not path.is_file():
-        return []
+def json_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, one per line; torn or foreign lines are skipped."""
     out = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("kind"), str):
+        if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / EVENTS
+    if not path.is_file():
+        return []
+    return [rec for rec in json_records(path) if isinstance(rec.get("kind"), str)]
 
 
 def note_start(run_dir: str | Path, world_size: int, resume: str) -> None:

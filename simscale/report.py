@@ -11,12 +11,12 @@ summary.txt and marked on loss.png. Training writes the report at its end too. m
 """
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from simscale.errors import SimscaleError
+from simscale.events import json_records
 
 METRICS = "metrics.jsonl"
 
@@ -30,12 +30,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SimscaleError(f"'{path}' not found: pass a run.dir of `simscale train` (it writes {METRICS})")
     by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+    for record in json_records(path):
+        if isinstance(record.get("step"), int):
             by_step.setdefault(record["step"], {}).update(record)  # eval records may share a step
     if not by_step:
         raise SimscaleError(f"'{path}' holds no metric records yet: train for at least one step")

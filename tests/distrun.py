@@ -47,3 +47,14 @@ def simscale_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedPro
     cmd = [sys.executable, "-m", "simscale", *args]
     return subprocess.run(cmd, env=cpu_env(MASTER_PORT=str(free_port())), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def worker_json(worker: Path, *args: str, timeout: int = 300) -> dict:
+    """Runs a test worker script in its own process (for process-wide state) and returns the JSON
+    object it prints on its last stdout line."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(worker), *args], env=cpu_env(MASTER_PORT=str(free_port())),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from simscale import events
 from simscale.train import preemption, spike
 from simscale.train.checkpoint import tag_for
-from simscale.train.watchdog import on_failure_line, set_resume_hint
+from simscale.train.watchdog import flush_std, on_failure_line, set_resume_hint
 
 
 class Healing:
@@ -60,7 +60,7 @@ class Healing:
                               exit_code=code, attempt=events.attempt())
             t.sink.print(preemption.stop_line(t.info.rank, s.step, why, tag_for(s.step), self.command, code))
             t.sink.close()
-            preemption.flush()
+            flush_std()
             raise preemption.Stopped(code)
         return False
 

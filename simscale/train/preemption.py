@@ -128,11 +128,3 @@ class StopAgreement:
 def stop_line(rank: int, step: int, why: str, tag: str, command: str, code: int) -> str:
     then = " (exit 75: the elastic agent restarts the job)" if code == RESTART_CODE else ""
     return f"stopped at step {step} ({why}): checkpoint {tag} saved; resume with: {command}{then}"
-
-
-def flush() -> None:
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.flush()
-        except (OSError, ValueError):
-            pass

@@ -159,7 +159,7 @@ class FailureNotice:
             return
         console.print(f"[red]error:[/red] rank {self.rank}: stopping during '{current_phase()}' because "
                       f"{line}", highlight=False, soft_wrap=True)
-        _flush()
+        flush_std()
         _run_on_failure()
         _silence()  # said its line: the store host leaving next must not make it print C++ frames
         self._mark_seen()
@@ -207,7 +207,7 @@ def start_failure_notice(host: str, port: int, rank: int, world_size: int, key: 
                           highlight=False, soft_wrap=True)
 
 
-def _flush() -> None:
+def flush_std() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -219,7 +219,7 @@ def _silence() -> None:
     """After a rank's one line: point its stdout/stderr at /dev/null until os._exit. The store host
     (rank 0) leaving closes every other rank's store connections, and torch's C++ prints each reset
     with ~30 stack frames: noise after a clean stop, not news."""
-    _flush()
+    flush_std()
     try:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -256,7 +256,7 @@ def ends_job_on_failure(timeout_s: int):
         if bug:
             traceback.print_exception(exc)
         console.print(f"[red]error:[/red] rank {notice.rank}: {line}", highlight=False, soft_wrap=True)
-        _flush()
+        flush_std()
         _tell_failure_line(notice.rank, line, code)
         notice.announce(line)
         _run_on_failure()

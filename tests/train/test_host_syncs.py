@@ -1,25 +1,17 @@
 """The training step never waits for the device: no host syncs from simscale's code on a
 non-logging step, counted by tests/train/host_sync_worker.py in a real one-process Trainer."""
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distrun import ROOT, cpu_env, free_port
+from tests.distrun import worker_json
 
 WORKER = Path(__file__).with_name("host_sync_worker.py")
 
 
 @pytest.fixture(scope="module")
 def counts(train_shards, tmp_path_factory) -> dict:
-    run_dir = tmp_path_factory.mktemp("host_syncs") / "run"
-    proc = subprocess.run([sys.executable, str(WORKER), str(train_shards), str(run_dir)],
-                          env=cpu_env(MASTER_PORT=str(free_port())), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return worker_json(WORKER, str(train_shards), str(tmp_path_factory.mktemp("host_syncs") / "run"))
 
 
 def test_all_steps_ran_and_every_loss_was_read(counts):

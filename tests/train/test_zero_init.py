@@ -4,14 +4,11 @@ DeepSpeed's zero.Init replaces torch.nn.functional.linear process-wide and never
 torch 2.11 the compiled blocks of a later engine then got almost no weight gradient (issue 21).
 Run in a subprocess (tests/train/zero_init_worker.py): the patches are process-wide.
 """
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distrun import ROOT, cpu_env, free_port
+from tests.distrun import worker_json
 
 WORKER = Path(__file__).with_name("zero_init_worker.py")
 CLEAN = {"linear_is_torch": True, "changed": []}
@@ -19,12 +16,7 @@ CLEAN = {"linear_is_torch": True, "changed": []}
 
 @pytest.fixture(scope="module")
 def report(train_shards, tmp_path_factory) -> dict:
-    run_dir = tmp_path_factory.mktemp("zero_init") / "run"
-    proc = subprocess.run([sys.executable, str(WORKER), str(train_shards), str(run_dir)],
-                          env=cpu_env(MASTER_PORT=str(free_port())), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return worker_json(WORKER, str(train_shards), str(tmp_path_factory.mktemp("zero_init") / "run"))
 
 
 @pytest.mark.slow
