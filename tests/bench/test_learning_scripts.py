@@ -1,4 +1,4 @@
-"""bench/learning_curve.py and bench/learning_diagnostics.py still run against the package.
+"""bench/learning_curve.py, learning_diagnostics.py and copy_check.py still run against the package.
 
 They import simscale internals by name, and a refactor that moves one (issue 24 moved the labelled
 split reader) breaks them without any other test noticing. A two-step run of each, on a few real
@@ -28,7 +28,7 @@ def _run(args, cwd):
     return proc.stdout
 
 
-def test_learning_curve_and_diagnostics_run_two_steps(tmp_path):
+def test_learning_scripts_run(tmp_path):
     out = tmp_path / "curves"
     text = _run([str(ROOT / "bench" / "learning_curve.py"), "--per-class", "8", "--val-per-class", "4",
                  "--steps", "2", "--every", "2", "--batch", "16", "--out", str(out),
@@ -45,3 +45,6 @@ def test_learning_curve_and_diagnostics_run_two_steps(tmp_path):
                  "--val", str(shards / "val"), "--steps", "2",
                  "--set", f"optim.batch_size=16;run.dir={tmp_path / 'diag'}"], tmp_path)
     assert "init    k-NN by readout:" in text and "step 2 target:" in text
+
+    text = _run([str(ROOT / "bench" / "copy_check.py"), "--images", "16"], tmp_path)
+    assert "align a copying predictor reaches" in text and "image + position means" in text
