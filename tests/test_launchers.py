@@ -151,7 +151,6 @@ def test_elastic_restarts_through_torchrun_and_always_resumes_auto():
                         "join_timeout=600,last_call_timeout=15"]
 
 
-
 def test_elastic_gives_every_attempt_a_store_of_its_own(tmp_path):
     # the agent's shared store keeps a dead attempt's gloo addresses: a restart would connect to them
     bin_dir = fake_bin(tmp_path, torchrun='echo "share off: $TORCH_DISABLE_SHARE_RDZV_TCP_STORE"\n')
