@@ -40,6 +40,11 @@ RDZV_CONF=${RDZV_CONF:-join_timeout=600,last_call_timeout=15}
 MONITOR_S=${MONITOR_S:-1}
 RDZV_ID=${RDZV_ID:-simscale-$(basename "${RUN_DIR:-sim}")}
 simscale_env "$NPROC"
+# Each attempt gets a store of its own: by default the agent shares one TCPStore with every attempt's
+# workers, so a restarted group reads the dead group's gloo/NCCL addresses left in it and fails or
+# hangs in connectFullMesh (pytorch/pytorch#135712). With this, every rendezvous round picks a fresh
+# MASTER_PORT and rank 0 hosts the store for that attempt.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 RESUME=auto train_args "$@"
 
 run torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC" --max-restarts "$MAX_RESTARTS" \

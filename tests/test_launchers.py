@@ -151,6 +151,14 @@ def test_elastic_restarts_through_torchrun_and_always_resumes_auto():
                         "join_timeout=600,last_call_timeout=15"]
 
 
+def test_elastic_gives_every_attempt_a_store_of_its_own(tmp_path):
+    # the agent's shared store keeps a dead attempt's gloo addresses: a restart would connect to them
+    bin_dir = fake_bin(tmp_path, torchrun='echo "share off: $TORCH_DISABLE_SHARE_RDZV_TCP_STORE"\n')
+    result = launch("elastic.sh", dry=False, path_prefix=bin_dir, NPROC="2", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "share off: 1"
+
+
 SLURM_BIN = dict(
     scontrol='[ "$1 $2" = "show hostnames" ] && [ "$3" = "gpu-[01-02]" ] && printf "gpu-01\\ngpu-02\\n"\n',
     # srun stand-in: run the task once per node with that node's SLURM_NODEID, like --ntasks-per-node 1.

@@ -116,6 +116,21 @@ def _collective_timeouts(timeout_s: int) -> None:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
 
 
+def shared_store_restart_warning(env=os.environ) -> str | None:
+    """The line for torchrun restarts on its shared store (None: no such risk). torch's agent keeps one
+    store for every attempt unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so a restarted group can read
+    the dead group's gloo/NCCL addresses and fail or hang in its setup (pytorch/pytorch#135712)."""
+    try:
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        restarts = 0
+    if restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun restarts on its shared store: a restarted attempt may connect to the dead one's "
+                "ranks and fail or hang in process-group setup (pytorch#135712); set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (launchers/elastic.sh does)")
+    return None
+
+
 def init_distributed(timeout_s: int = 600) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU).
 
@@ -140,6 +155,9 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local))
     check_cuda_usable()
+    risk = shared_store_restart_warning()
+    if risk and rank == 0:
+        watchdog.console.print(f"[yellow]warning: {risk}[/yellow]", highlight=False, soft_wrap=True)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)

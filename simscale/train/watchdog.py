@@ -11,7 +11,9 @@
   prints one line (a bug keeps its traceback), tells the other ranks, and leaves with os._exit: the
   interpreter's teardown could block in a collective or a process group destructor. A rank that has
   said its line goes quiet (stdout/stderr to /dev/null) before it leaves, so the store's host leaving
-  does not put torch's C++ connection-reset frames after the one line.
+  does not put torch's C++ connection-reset frames after the one line. A clean end (last step,
+  agreed preemption stop) closes the notice on every rank before the interpreter exits (see
+  `FailureNotice.close`); after that a failure is no longer announced.
 """
 from __future__ import annotations
 
@@ -135,19 +137,22 @@ class FailureNotice:
     """The job-wide 'a rank failed' flag in the rendezvous store, and the thread that acts on it."""
 
     LINGER_S = 3.0  # how long a failing rank keeps its store up for the others to read (rank 0 may host it)
+    CLOSE_S = 10.0  # how long rank 0 (perhaps the store's host) waits at a clean end for the others to close
+    FINISHED = "(finished)"  # the key's value at a clean end: wakes every watcher, ends nothing
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, key: str):
         import torch.distributed as dist
 
         self.rank, self.world_size = rank, world_size
-        self.key, self.seen_key = key, f"{key}/seen"
+        self.key, self.seen_key, self.closed_key = key, f"{key}/seen", f"{key}/closed"
         # Two clients: one client serialises its requests, and the thread's wait never returns by itself.
         # Short timeout: a failing rank must not wait long on a store whose host is the stopped rank.
         self.store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
         self._waiting = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
         self.finished = False
         self._ending = threading.Lock()  # the first path that ends this rank prints; the other waits
-        threading.Thread(target=self._watch, name="simscale-failure-notice", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="simscale-failure-notice", daemon=True)
+        self._thread.start()
 
     def _watch(self) -> None:
         try:
@@ -155,7 +160,7 @@ class FailureNotice:
             line = self._waiting.get(self.key).decode(errors="replace")
         except Exception:  # noqa: BLE001 - the store ended (the job is over); collectives report the rest
             return
-        if self.finished or not self._ending.acquire(blocking=False):
+        if self.finished or line == self.FINISHED or not self._ending.acquire(blocking=False):
             return
         console.print(f"[red]error:[/red] rank {self.rank}: stopping during '{current_phase()}' because "
                       f"{line}", highlight=False, soft_wrap=True)
@@ -169,6 +174,28 @@ class FailureNotice:
         try:
             self.store.add(self.seen_key, 1)
         except Exception:  # noqa: BLE001 - best effort: the failing rank lingers a few seconds anyway
+            pass
+
+    def close(self) -> None:
+        """A clean end (the last step, an agreed preemption stop): no watcher is left blocked in the store.
+
+        A thread blocked in the store while the interpreter exits aborts the process ("terminate called
+        without an active exception", exit 134, after C++ frames) once the store's host leaves; under
+        the elastic agent (launchers/elastic.sh) rank 0 hosts each attempt's store, and an aborted rank
+        at the end would make the agent restart a finished job. So every rank wakes the watchers
+        (FINISHED, unless a failure line is there already) and joins its own; rank 0 then waits until
+        every rank has, at most CLOSE_S, before it leaves.
+        """
+        self.finished = True
+        try:
+            self.store.compare_set(self.key, "", self.FINISHED)
+            self._thread.join(self.CLOSE_S)
+            self.store.add(self.closed_key, 1)
+            deadline = time.monotonic() + self.CLOSE_S
+            while self.rank == 0 and time.monotonic() < deadline and \
+                    self.store.add(self.closed_key, 0) < self.world_size:
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - the store is gone: no watcher is waiting on it any more
             pass
 
     def claim(self) -> bool:
@@ -245,7 +272,7 @@ def ends_job_on_failure(timeout_s: int):
         notice = _notice
         if isinstance(exc, SystemExit) and not exc.code or getattr(exc, "clean_stop", False):
             if notice is not None:
-                notice.finished = True  # an agreed stop (preemption.Stopped): every rank leaves the same way
+                notice.close()  # an agreed stop (preemption.Stopped): every rank leaves the same way
             raise
         line, code, bug = describe(exc, timeout_s)
         if notice is None:  # one process: the CLI prints the line; the ledger still records it
@@ -264,4 +291,4 @@ def ends_job_on_failure(timeout_s: int):
         notice.linger()
         os._exit(code)
     if _notice is not None:
-        _notice.finished = True
+        _notice.close()

@@ -43,3 +43,13 @@ def test_no_gpu_no_error(monkeypatch):
     monkeypatch.setattr(distributed, "visible_nvidia_gpus", lambda: [])
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     distributed.check_cuda_usable()
+
+
+def test_torchrun_restarts_on_the_shared_store_are_named():
+    """torchrun's agent shares one store with every attempt unless told not to (pytorch#135712)."""
+    under = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    line = distributed.shared_store_restart_warning(under)
+    assert line and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in line and "\n" not in line
+    assert distributed.shared_store_restart_warning({**under, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert distributed.shared_store_restart_warning({**under, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert distributed.shared_store_restart_warning({}) is None

