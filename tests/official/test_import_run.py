@@ -169,7 +169,8 @@ def test_zero3_import_keeps_its_frozen_patch_embedding_across_world_sizes(import
               if "loss" in r}
     assert sorted(stayed) == [1, 2, 3, 4]
     cfg, model = simscale_model(official)
-    assert stayed[1] == pytest.approx(first_batch_loss(cfg, model, train_shards), rel=1e-4, abs=1e-6)
+    # tight: this micro loss moves only ~5e-5 (relative) when the patch embedding is reset to its init
+    assert stayed[1] == pytest.approx(first_batch_loss(cfg, model, train_shards), rel=1e-6, abs=1e-7)
 
     def frozen_in(tag):
         with weights_only_loads():
