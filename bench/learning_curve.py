@@ -74,11 +74,11 @@ def write_digits(img: Path, per_class: int, val_per_class: int, seed: int) -> No
 
 
 def raw_pixel_knn(train: str, val: str, img_size: int) -> float:
-    from simscale.eval.knn import knn_top1
-    from simscale.train.online_knn import load_split
+    from simscale.knn import knn_top1
+    from simscale.train.online_knn import decode_split
 
-    tx, ty, _ = load_split(train, img_size, 10**9, 0, 1)
-    vx, vy, _ = load_split(val, img_size, 10**9, 0, 1)
+    tx, ty = decode_split(train, img_size, 10**9)
+    vx, vy = decode_split(val, img_size, 10**9)
     return 100 * knn_top1(tx.flatten(1), ty, vx.flatten(1), vy)
 
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 
 def readouts(trainer, tx, ty, vx, vy) -> dict[str, float]:
-    from simscale.eval.knn import knn_top1
+    from simscale.knn import knn_top1
 
     enc = trainer.model.online.encoder
     enc.eval()
@@ -73,15 +73,15 @@ def main() -> None:
     from simscale.config import build_config
     from simscale.train.distributed import init_distributed
     from simscale.train.loop import Trainer
-    from simscale.train.online_knn import load_split
+    from simscale.train.online_knn import decode_split
 
     cfg = build_config("tiny", overrides=[f"data.train={args.train}", "optim.batch_size=128",
                                           f"optim.max_steps={args.steps}", "log.progress=false",
                                           "log.tensorboard=false", "run.dir=bench/out/diagnostics",
                                           "run.save_every=1000000", "data.num_workers=1",
                                           *[o for o in args.set.split(";") if o]])
-    tx, ty, _ = load_split(args.train, cfg.model.img_size, 10**9, 0, 1)
-    vx, vy, _ = load_split(args.val, cfg.model.img_size, 10**9, 0, 1)
+    tx, ty = decode_split(args.train, cfg.model.img_size, 10**9)
+    vx, vy = decode_split(args.val, cfg.model.img_size, 10**9)
     trainer = Trainer(cfg, resume="none", dist_info=init_distributed())
     print("init    k-NN by readout:", readouts(trainer, tx, ty, vx, vy))
     print("init    target:", target_makeup(trainer))

@@ -1,0 +1,50 @@
+"""bench/learning_curve.py, learning_diagnostics.py and copy_check.py still run against the package.
+
+They import simscale internals by name, and a refactor that moves one (issue 24 moved the labelled
+split reader) breaks them without any other test noticing. A two-step run of each, on a few real
+Fashion-MNIST images, catches that; the figures themselves are measured by hand (bench/RESULTS.md).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simscale.data import fashion_mnist as fm
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (fm.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file()
+                                 and os.environ.get("CI") != "true",
+                                 reason="Fashion-MNIST not installed (bash .ci/setup installs it)")]
+
+
+def _run(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMSCALE_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
+
+
+def test_learning_scripts_run(tmp_path):
+    out = tmp_path / "curves"
+    text = _run([str(ROOT / "bench" / "learning_curve.py"), "--per-class", "8", "--val-per-class", "4",
+                 "--steps", "2", "--every", "2", "--batch", "16", "--out", str(out),
+                 "--variant", "sim:", "--variant", "simclr:method=simclr"], tmp_path)
+    results = json.loads((out / "curves.json").read_text())
+    assert set(results["variants"]) == {"sim", "simclr"}
+    for r in results["variants"].values():
+        assert r["steps"] == [0, 2] and all(0 <= v <= 100 for v in r["online"])
+    assert 0 < results["raw_pixels"] <= 100 and "raw pixels k-NN" in text
+    assert (out / "curves.png").is_file()
+
+    shards = tmp_path / "data" / "fmnist_8_4_shards"
+    text = _run([str(ROOT / "bench" / "learning_diagnostics.py"), "--train", str(shards / "train"),
+                 "--val", str(shards / "val"), "--steps", "2",
+                 "--set", f"optim.batch_size=16;run.dir={tmp_path / 'diag'}"], tmp_path)
+    assert "init    k-NN by readout:" in text and "step 2 target:" in text
+
+    text = _run([str(ROOT / "bench" / "copy_check.py"), "--images", "16"], tmp_path)
+    assert "align a copying predictor reaches" in text and "image + position means" in text
