@@ -33,6 +33,22 @@ def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None
             own[name].copy_(value.to(own[name].dtype))
 
 
+def _write_out_fresh_moments(zero3) -> None:
+    """Give each fp32 partition of a ZeRO-3 optimizer the AdamW state its first step would create
+    lazily (zero moments, step 0, as torch's AdamW makes them): the numbers of a fresh optimizer,
+    but written into the checkpoint. DeepSpeed's ZeRO-3 universal converter reads the Adam moments
+    of every partition (ZeRO-1/2's falls back to the fp32 weights): without them a ZeRO-3 import
+    could not move to another world size."""
+    base = zero3.optimizer  # torch's AdamW (ds_config: torch_adam); its param_groups stay empty between steps
+    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    for flat in zero3.fp32_partitioned_groups_flat:
+        state = {"step": torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                 "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        if base.defaults.get("amsgrad"):
+            state["max_exp_avg_sq"] = torch.zeros_like(flat)
+        base.state[flat] = state
+
+
 def write_run(cfg: Config, tensors: dict[str, torch.Tensor], start_step: int, source: dict[str, Any]) -> Path:
     """`tensors`: simscale SIM state-dict names -> fp32 values (names.map_pretrain). Returns the step dir."""
     import deepspeed
@@ -76,6 +92,8 @@ def write_run(cfg: Config, tensors: dict[str, torch.Tensor], start_step: int, so
     for name, p in engine.module.named_parameters():  # bf16 engines: the fp32 master, not a bf16 round trip
         if p.requires_grad and name in online:
             safe_set_full_fp32_param(p, online[name].to(info.device))
+    if cfg.deepspeed.zero_stage == 3:
+        _write_out_fresh_moments(engine.optimizer)
     ema = ShardedEMA(engine.module.ema_pairs())
     if ema.names:
         ema.load_full({n: tensors[f"target.{n}"] for n in ema.names}, rank=0)

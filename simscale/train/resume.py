@@ -140,8 +140,8 @@ def restore(engine, ema, plan: Plan, schedule, sink) -> LoopState:
     tag_dir = found.tag_dir
     if found.universal:
         u = _universal()
-        u.load_engine(engine, found.load_dir)
         saved = u.load_state(found.load_dir)
+        u.load_engine(engine, found.load_dir, saved["frozen"])
         ema.load_full(saved["ema"], plan.rank)
     else:
         saved = plan.ckpt.load(engine, tag_dir)

@@ -6,14 +6,17 @@ ranks, rank 0 converts it once into
         zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt, zero/optimizer_state.pt, *model_states.pt
                                         DeepSpeed's universal layout (`ds_to_universal`, run in-process
                                         under `weights_only_loads`: nothing is unpickled)
-        simscale_universal.safetensors  the EMA target's full fp32 tensors (all ranks' slices joined)
-        simscale_universal.json         rank 0's loop state, the EMA's names and shapes, the source
+        simscale_universal.safetensors  the EMA target's full fp32 tensors (all ranks' slices joined), and
+                                        as "frozen.<name>" the frozen parameters, whole (`frozen.read`:
+                                        DeepSpeed's universal layout has only the optimizer's)
+        simscale_universal.json         rank 0's loop state, the EMA's and the frozen names and shapes, the source
         COMPLETE                        as for any checkpoint (step, world_size of the source, config,
                                         every file's size and sha256) plus a "universal" entry
 built in a hidden folder and renamed into place, so it exists only when finished. A later
 resume reuses it when its source's COMPLETE is unchanged; only the newest conversion is kept. DeepSpeed loads it with
 `"checkpoint": {"load_universal": true}` (set before `deepspeed.initialize`) and re-partitions
-weights and Adam moments for the new world; `ShardedEMA.load_full` re-slices the target.
+weights and Adam moments for the new world; `frozen.restore` puts back the frozen parameters and
+`ShardedEMA.load_full` re-slices the target.
 Such a folder is itself resumable (`--resume RUN_DIR/universal/step_...`) on any world size.
 """
 from __future__ import annotations
@@ -34,12 +37,13 @@ from safetensors.torch import load_file, save_file
 
 from simscale.checksum import ALGORITHM, file_digest
 from simscale.errors import CheckpointError
+from simscale.train import frozen
 from simscale.train.checkpoint import COMPLETE, _atomic_write, os_reason, read_meta, verify
 from simscale.train.ema import consolidate
 from simscale.train.rank_state import load_ema, load_rank_state
 from simscale.train.weights_only import loading_through_deepspeed, weights_only_loads
 
-FORMAT = "simscale-universal/1"
+FORMAT = "simscale-universal/2"  # /1 had no frozen parameters: converted again
 STATE = "simscale_universal"
 
 
@@ -59,8 +63,9 @@ def _reusable(out: Path, source_digest: str) -> bool:
     if verify(out, content=True) is not None:  # hashed: a damaged file is converted again, never loaded
         return False
     try:
-        return read_meta(out)["universal"]["source_complete_sha256"] == source_digest
-    except (CheckpointError, KeyError, TypeError):
+        current = json.loads((out / f"{STATE}.json").read_text()).get("format") == FORMAT
+        return current and read_meta(out)["universal"]["source_complete_sha256"] == source_digest
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -82,12 +87,15 @@ def convert(tag_dir: Path, out: Path) -> None:
 
     emas = [load_ema(tag_dir, r) for r in range(world)]
     full = consolidate(emas) if emas[0]["names"] else {}
+    fixed = frozen.read(tag_dir, skip=frozen.ema_names(emas[0]["names"]))
+    full.update({f"frozen.{k}": v for k, v in fixed.items()})
     save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / f"{STATE}.safetensors"))
     loop = load_rank_state(tag_dir, 0)["loop"]
     source_digest = file_digest(tag_dir / COMPLETE)
     (tmp / f"{STATE}.json").write_text(json.dumps({
         "format": FORMAT, "loop": loop,
         "ema": {"names": emas[0]["names"], "shapes": emas[0]["shapes"]},
+        "frozen": {"names": list(fixed), "shapes": [list(v.shape) for v in fixed.values()]},
         "source": {"tag": tag_dir.name, "world_size": world, "ema_layout": emas[0]["layout"]}}))
     files = {}
     for p in sorted(tmp.rglob("*")):
@@ -137,19 +145,31 @@ def prepare(tag_dir: Path, run_dir: Path, rank: int) -> Path:
 
 
 def load_state(udir: Path) -> dict[str, Any]:
-    """{"loop": rank 0's loop state, "ema": {name: full fp32 tensor}} of a universal folder."""
+    """{"loop": rank 0's loop state, "ema": {name: full fp32 tensor}, "frozen": {module name: whole
+    tensor}} of a universal folder."""
     try:
         meta = json.loads((udir / f"{STATE}.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if isinstance(meta, dict) and str(meta.get("format", "")).startswith("simscale-universal/") \
+            and meta["format"] != FORMAT:
+        raise CheckpointError(f"universal checkpoint '{udir}' was written by another simscale ({meta['format']}; "
+                              f"this one reads {FORMAT}, which also carries the frozen parameters): resume from "
+                              "the step_* checkpoint it was converted from, which is converted again")
+    try:
         tensors = load_file(str(udir / f"{STATE}.safetensors"))
         assert meta.get("format") == FORMAT and isinstance(meta.get("loop"), dict)
         names, shapes = meta["ema"]["names"], meta["ema"]["shapes"]
         ema = {n: tensors[n] for n in names}
         assert all(list(ema[n].shape) == list(s) for n, s in zip(names, shapes))
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        names, shapes = meta["frozen"]["names"], meta["frozen"]["shapes"]
+        fixed = {n: tensors[f"frozen.{n}"] for n in names}
+        assert all(list(fixed[n].shape) == list(s) for n, s in zip(names, shapes))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError) as exc:
         raise CheckpointError(f"simscale state in universal checkpoint '{udir}' is missing or malformed "
                               f"({type(exc).__name__}); delete the folder (it is rebuilt from its source "
                               "checkpoint) or resume from another one") from None
-    return {"loop": dict(meta["loop"]), "ema": ema}
+    return {"loop": dict(meta["loop"]), "ema": ema, "frozen": fixed}
 
 
 def _model_states_file(udir: Path) -> Path:
@@ -159,11 +179,11 @@ def _model_states_file(udir: Path) -> Path:
     return found[0]
 
 
-def load_engine(engine, udir: Path) -> None:
+def load_engine(engine, udir: Path, fixed: dict[str, torch.Tensor]) -> None:
     """Model weights and Adam state through DeepSpeed's universal loading (the engine was built
-    with `load_universal`), then the module's buffers (BatchNorm statistics) and frozen parameters,
-    which DeepSpeed's universal path leaves at their init (the EMA target is then restored from
-    simscale's state; the frozen online patch embedding comes from the saved module)."""
+    with `load_universal`), then what that path leaves at its init: the module's buffers (BatchNorm
+    statistics, from the saved module) and the frozen parameters (`fixed`, from `load_state`: the
+    online patch embedding; the EMA target is restored from simscale's state right after)."""
     from deepspeed.utils import logger as ds_logger
 
     level = ds_logger.level
@@ -180,16 +200,12 @@ def load_engine(engine, udir: Path) -> None:
     if path is None:
         raise CheckpointError(f"DeepSpeed found nothing to load in '{udir}': delete it to convert again")
     own = dict(engine.module.named_buffers())
-    # Frozen whole parameters too (ZeRO-1/2): DeepSpeed's universal load leaves them at their init, and an
-    # imported run's frozen patch embedding is not its init (`simscale import`). Target weights are
-    # overwritten by the EMA restore right after.
-    frozen = {k: p for k, p in engine.module.named_parameters() if not p.requires_grad and not hasattr(p, "ds_id")}
-    own.update(frozen)
-    buffers = {k: v for k, v in (saved.get("module") or {}).items()
-               if k in own and (k not in frozen or v.shape == frozen[k].shape)}
+    buffers = {k: v for k, v in (saved.get("module") or {}).items() if k in own}
     with torch.no_grad():
         for k, v in buffers.items():
             own[k].copy_(v.to(own[k].device, own[k].dtype))
+    targets = frozen.ema_names(n for n, _, _ in engine.module.ema_pairs())
+    frozen.restore(engine.module, fixed, skip=targets, where=udir)
 
 
 def source_of(folder: Path) -> Path | None:

@@ -144,3 +144,53 @@ def test_import_keeps_exact_fp32_weights_on_other_stages_and_precisions(imported
         assert torch.equal(online[f"online.{ours}"], official[name]), name
         assert torch.equal(target[ours], official[f"mm_{name}"]), name
     assert torch.equal(online["predictor.rel_proj.weight"], official["decoder_pos_mlp.weight"])
+
+
+def test_zero3_import_keeps_its_frozen_patch_embedding_across_world_sizes(imported, train_shards, tmp_path):
+    """ZeRO-3, world 1 (the import) -> 2 -> 1: both resumes go through DeepSpeed's universal checkpoint,
+    which carries only the optimizer's parameters. The frozen online patch embedding is in none, yet it
+    must stay the imported one (not the seeded init): the first loss on 2 ranks is that of the official
+    weights, every later checkpoint holds them, and the 1-rank resume continues the 2-rank run's losses."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from simscale.train.weights_only import weights_only_loads
+
+    root, official = imported
+    run = tmp_path / "run"
+    proc = simscale_cli(["import", "official", str(root / "micro.pth"), "--out", str(run), "--preset", "tiny",
+                         "deepspeed.zero_stage=3", *COMMON])
+    assert proc.returncode == 0, tail(proc)
+    args = [f"run.dir={run}", f"data.train={train_shards}", "deepspeed.zero_stage=3", "run.save_every=2",
+            "optim.max_steps=4", *COMMON]
+    two = train_cli([*args, "optim.batch_size=2"], nproc=2, timeout=400)  # global batch 4, as the import's 1 x 4
+    assert two.returncode == 0, tail(two)
+    assert "world size 1 -> 2" in (two.stdout + two.stderr).replace("\n", "")
+    stayed = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    assert sorted(stayed) == [1, 2, 3, 4]
+    cfg, model = simscale_model(official)
+    # tight: this micro loss moves only ~5e-5 (relative) when the patch embedding is reset to its init
+    assert stayed[1] == pytest.approx(first_batch_loss(cfg, model, train_shards), rel=1e-6, abs=1e-7)
+
+    def frozen_in(tag):
+        with weights_only_loads():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag)
+        return sd["online.encoder.patch_embed.proj.weight"], sd["online.encoder.patch_embed.proj.bias"]
+
+    for tag in ("step_00000002", "step_00000004"):
+        weight, bias = frozen_in(tag)
+        assert torch.equal(weight, official["patch_embed.proj.weight"]), tag
+        assert torch.equal(bias, official["patch_embed.proj.bias"]), tag
+
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # stop the 2-rank run at step 2 ...
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    one = train_cli(args, nproc=1, timeout=400)  # ... and finish it on 1 rank x 4
+    assert one.returncode == 0, tail(one)
+    assert "world size 2 -> 1" in (one.stdout + one.stderr).replace("\n", "")
+    moved = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r}
+    for step in (3, 4):
+        assert moved[step] == pytest.approx(stayed[step], rel=1e-4, abs=1e-6), step
+    weight, bias = frozen_in("step_00000004")
+    assert torch.equal(weight, official["patch_embed.proj.weight"])
+    assert torch.equal(bias, official["patch_embed.proj.bias"])
