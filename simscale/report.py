@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from simscale.errors import SimscaleError
-from simscale.events import json_records
+from simscale.events import json_records, read_events, summary_lines
 
 METRICS = "metrics.jsonl"
 
@@ -213,8 +213,6 @@ def summary(records: list[dict[str, Any]], name: str, events: list[dict[str, Any
     refs = knn_references(records)
     if refs:
         lines.append("k-NN references: " + ", ".join(f"{k} {v:.2f}%" for k, v in refs.items()))
-    from simscale.events import summary_lines
-
     lines += summary_lines(events or [])
     return "\n".join(lines)
 
@@ -225,8 +223,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[li
     out = Path(out) if out else run_dir / "report"
     records = read_metrics(run_dir)
     name = run_dir.resolve().name
-    from simscale.events import read_events
-
     events = read_events(run_dir)
     files = plot(records, out, name, events)
     text = summary(records, name, events)

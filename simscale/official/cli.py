@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from simscale.config import build_config
+from simscale.console import make_console
 from simscale.errors import SimscaleError
 from simscale.official.finetune import export_finetuned, is_finetuned
 from simscale.official.names import map_pretrain
 from simscale.official.reader import describe_args, model_state, read_official
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def simscale_shapes(cfg) -> dict[str, torch.Tensor]:
@@ -53,11 +53,11 @@ def cli_main(args) -> int:
             raise SimscaleError("a fine-tuned checkpoint becomes a timm export: its shape comes from the tensors, "
                                 "drop the key=value overrides / --config")
         out, targs = export_finetuned(sd, out, args.num_heads)
-        Console().print(f"wrote {out}/model.safetensors + config.json (fine-tuned {targs['num_classes']}-class "
+        make_console().print(f"wrote {out}/model.safetensors + config.json (fine-tuned {targs['num_classes']}-class "
                         f"classifier, global_pool={targs['global_pool']}); load with "
                         f"timm.create_model('local-dir:{out}', pretrained=True)")
         return 0
     tag_dir = import_pretrain(args.checkpoint, sd, out, args.preset, args.config, args.overrides, args.start_step, seen)
-    Console().print(f"wrote {tag_dir} ({len(sd)} official tensors); continue pretraining with: simscale train "
+    make_console().print(f"wrote {tag_dir} ({len(sd)} official tensors); continue pretraining with: simscale train "
                     f"--preset {args.preset} --resume auto run.dir={out} data.train=YOUR_SHARDS ...")
     return 0

@@ -61,6 +61,7 @@ def write_run(cfg: Config, tensors: dict[str, torch.Tensor], start_step: int, so
     from simscale.train.ema import ShardedEMA
     from simscale.train.loop import param_groups
     from simscale.train.loop_state import LoopState
+    from simscale.train.zero_init import partitioned_init
 
     info = init_distributed(cfg.run.collective_timeout_s)
     if info.world_size != 1:
@@ -80,7 +81,7 @@ def write_run(cfg: Config, tensors: dict[str, torch.Tensor], start_step: int, so
     ds_config = build_ds_config(cfg, 1, info.device.type == "cpu")
     torch.manual_seed(cfg.run.seed)
     if cfg.deepspeed.zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with partitioned_init(ds_config):  # torch left as found (train/zero_init.py), as the Trainer builds
             model = SIM(cfg)
     else:
         model = SIM(cfg)

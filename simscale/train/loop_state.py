@@ -1,12 +1,16 @@
 """The training loop's own state (besides DeepSpeed's files): what a checkpoint keeps per rank."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from simscale.errors import SimscaleError
 
 
 @dataclass
@@ -32,3 +36,24 @@ def set_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def loop_state_from(loop: dict[str, Any], tag_dir: Path) -> LoopState:
+    """A checkpoint's saved loop state (unknown keys dropped, types checked), or one line."""
+    defaults = dataclasses.asdict(LoopState())
+    loop = {k: v for k, v in loop.items() if k in defaults}
+    wrong = [k for k, v in loop.items() if type(v) is not type(defaults[k]) and
+             not (isinstance(defaults[k], float) and isinstance(v, int))]
+    if wrong:
+        raise SimscaleError(f"loop state in '{tag_dir}' has a wrong type for '{wrong[0]}': "
+                            "resume from another checkpoint")
+    return LoopState(**loop)
+
+
+def restore_rng(states: dict[str, Any], tag_dir: Path) -> None:
+    """`set_rng` of a checkpoint's saved generators, or one line when they are malformed."""
+    try:
+        set_rng(states)
+    except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
+                            "resume from another checkpoint") from None

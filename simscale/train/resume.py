@@ -14,7 +14,6 @@ RUN_DIR/starts/): a resume that is refused replaces nothing the run wrote.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import sys
 import time
@@ -27,8 +26,8 @@ import torch
 
 from simscale.config import Config, from_dict, save_yaml, to_dict
 from simscale.data.partitions import auto_partitions, partition_problem
-from simscale.errors import CheckpointError, ConfigError, SimscaleError
-from simscale.train.loop_state import LoopState, set_rng
+from simscale.errors import CheckpointError, ConfigError
+from simscale.train.loop_state import LoopState, loop_state_from, restore_rng
 
 # Must match: the parameters, what the loss computes, and the numerics the optimizer state has.
 # (zero_stage too: a universal checkpoint could re-shard across stages, but simscale's EMA and
@@ -146,7 +145,7 @@ def restore(engine, ema, plan: Plan, schedule, sink) -> LoopState:
     else:
         saved = plan.ckpt.load(engine, tag_dir)
         ema.load_state_dict(saved["ema"])
-    state = _loop_state(saved["loop"], tag_dir)
+    state = loop_state_from(saved["loop"], tag_dir)
     if found.universal:
         # Per-rank state of another world has no rank-to-rank mapping: every rank continues from
         # rank 0's loop state, and model-side randomness is re-seeded per (seed, step, rank).
@@ -157,11 +156,7 @@ def restore(engine, ema, plan: Plan, schedule, sink) -> LoopState:
         found.changes.append("every rank continues from rank 0's loop state (step, epoch, data position); "
                              "model RNG re-seeded from (run.seed, step, rank)")
     else:
-        try:
-            set_rng(saved["rng"])
-        except (ValueError, TypeError, RuntimeError, IndexError) as exc:
-            raise SimscaleError(f"RNG state in '{tag_dir}' is malformed ({type(exc).__name__}): "
-                                "resume from another checkpoint") from None
+        restore_rng(saved["rng"], tag_dir)
     found.changes += schedule_changes(found.meta["config"], plan.cfg, schedule, state.step)
     _record(plan)
     if found.changes:
@@ -173,17 +168,6 @@ def restore(engine, ema, plan: Plan, schedule, sink) -> LoopState:
         sink.print(f"[yellow]this run already finished: step {state.step} of {schedule.total_steps}; nothing to "
                    "train. Raise optim.max_steps (or optim.epochs) to continue it, or use a new run.dir[/yellow]")
     return state
-
-
-def _loop_state(loop: dict[str, Any], tag_dir: Path) -> LoopState:
-    defaults = dataclasses.asdict(LoopState())
-    loop = {k: v for k, v in loop.items() if k in defaults}
-    wrong = [k for k, v in loop.items() if type(v) is not type(defaults[k]) and
-             not (isinstance(defaults[k], float) and isinstance(v, int))]
-    if wrong:
-        raise SimscaleError(f"loop state in '{tag_dir}' has a wrong type for '{wrong[0]}': "
-                            "resume from another checkpoint")
-    return LoopState(**loop)
 
 
 # The schedule's length and shape: may change on resume (to extend a run); the lr it gives at the

@@ -14,7 +14,6 @@ counter goes back with the checkpoint (the schedules replay), the data goes forw
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from collections import deque
@@ -67,15 +66,14 @@ def rollback_target(ckpt, first_bad: int) -> Path | None:
 def rollback(trainer, tag_dir: Path) -> dict[str, Any]:
     """Reload `tag_dir` into the running trainer, keep the data position it had reached; returns the
     skipped range as {from: [epoch, sample], to: [epoch, sample]} in the epochs' global sample order."""
-    from simscale.train.loop_state import LoopState, set_rng
+    from simscale.train.loop_state import loop_state_from, restore_rng
 
     reached = (trainer.state.epoch, trainer.state.samples_in_epoch)
     rollbacks = trainer.state.rollbacks
     saved = trainer.ckpt.load(trainer.engine, tag_dir)
     trainer.ema.load_state_dict(saved["ema"])
-    defaults = dataclasses.asdict(LoopState())
-    trainer.state = LoopState(**{k: v for k, v in saved["loop"].items() if k in defaults})
-    set_rng(saved["rng"])
+    trainer.state = loop_state_from(saved["loop"], tag_dir)
+    restore_rng(saved["rng"], tag_dir)
     skipped = {"from": [trainer.state.epoch, trainer.state.samples_in_epoch], "to": list(reached)}
     trainer.state.epoch, trainer.state.samples_in_epoch = reached
     trainer.state.rollbacks = rollbacks + 1
