@@ -2,7 +2,8 @@
 
 timm must load the result strictly in all three of its ways (local directory, pretrained file
 overlay, checkpoint_path), and timm's model must give the same features as simscale's own
-encoder with the checkpoint's weights on the same real images.
+encoder with the checkpoint's weights on the same real images. The run is tests/conftest.py's
+`zero3_run` (3 steps, lr 1e-2), shared with tests/test_multinode.py.
 """
 import contextlib
 import io
@@ -20,18 +21,9 @@ from simscale.export import export, timm_model_args
 from simscale.model.sim import SIM
 from simscale.train.checkpoint import read_meta, tag_for
 from tests.conftest import load_images_module
-from tests.distrun import simscale_cli, tail, train_cli
+from tests.distrun import simscale_cli, tail
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def zero3_run(train_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("export_run")
-    proc = train_cli([f"data.train={train_shards}", "data.num_workers=0", "optim.batch_size=4", "optim.max_steps=2",
-                      "deepspeed.zero_stage=3", "log.tensorboard=false", "optim.base_lr=1e-2", f"run.dir={run}"])
-    assert proc.returncode == 0, tail(proc)
-    return run
 
 
 def real_images(cfg, n=4):
@@ -47,7 +39,7 @@ def simscale_encoder(run, encoder):
     """simscale's own encoder carrying the checkpoint's weights (online or EMA target)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = run / "checkpoints" / tag_for(2)
+    tag = run / "checkpoints" / tag_for(3)  # the newest: what export picks
     cfg = from_dict(read_meta(tag)["config"])
     model = SIM(cfg)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -94,7 +86,7 @@ def test_online_and_target_differ_after_training(zero3_run, tmp_path):
 
 
 def test_export_cli_and_errors(zero3_run, tmp_path):
-    ok = simscale_cli(["export", str(zero3_run), "--out", str(tmp_path / "cli"), "--step", "2"])
+    ok = simscale_cli(["export", str(zero3_run), "--out", str(tmp_path / "cli"), "--step", "3"])
     assert ok.returncode == 0, tail(ok)
     assert (tmp_path / "cli" / "model.safetensors").is_file()
     missing = simscale_cli(["export", str(zero3_run), "--out", str(tmp_path / "x"), "--step", "7"])

@@ -9,6 +9,7 @@ import timm
 import torch
 
 from simscale.config import build_config
+from simscale.export import export
 from simscale.official.cli import simscale_shapes
 from simscale.official.names import map_pretrain
 from tests.distrun import simscale_cli, tail, train_cli
@@ -30,6 +31,22 @@ def imported(tmp_path_factory):
     return root, official
 
 
+def import_official(root, out, *over):
+    proc = simscale_cli(["import", "official", str(root / "micro.pth"), "--out", str(out), "--preset", "tiny", *over,
+                         *COMMON])
+    assert proc.returncode == 0, tail(proc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def imported_z3(imported, tmp_path_factory):
+    """The same checkpoint imported at ZeRO-3 fp32 (one import, one process start): one test reads it,
+    another trains a copy of it."""
+    root, _ = imported
+    return import_official(root, tmp_path_factory.mktemp("official_z3") / "run", "deepspeed.zero_stage=3",
+                           "deepspeed.precision=fp32")
+
+
 def simscale_model(official):
     """simscale's SIM holding the official tensors (the same mapping the import uses)."""
     from simscale.model.sim import SIM
@@ -48,8 +65,7 @@ def test_export_of_an_import_gives_the_official_encoder_features(imported, tmp_p
     _, model = simscale_model(official)
     model.eval()
     for encoder, prefix, ours in (("online", "", model.online.encoder), ("target", "mm_", model.target.encoder)):
-        proc = simscale_cli(["export", str(root / "run"), "--out", str(tmp_path / encoder), "--encoder", encoder])
-        assert proc.returncode == 0, tail(proc)
+        export(root / "run", tmp_path / encoder, encoder=encoder)  # in-process: tests/test_export.py runs the CLI
         exported = timm.create_model(f"local-dir:{tmp_path / encoder}", pretrained=True).eval()
         with torch.no_grad():
             got = exported.forward_features(images)
@@ -120,7 +136,8 @@ def test_continue_on_two_ranks_zero2_then_resume_on_one(imported, train_shards, 
 
 
 @pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "fp32")])
-def test_import_keeps_exact_fp32_weights_on_other_stages_and_precisions(imported, tmp_path, stage, precision):
+def test_import_keeps_exact_fp32_weights_on_other_stages_and_precisions(imported, tmp_path, stage, precision,
+                                                                        request):
     """A bf16 engine's optimizer master and the EMA master hold the official fp32 values, not a bf16
     round trip; ZeRO-3 partitions them (one rank) the same way."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -130,10 +147,12 @@ def test_import_keeps_exact_fp32_weights_on_other_stages_and_precisions(imported
     from simscale.train.weights_only import weights_only_loads
 
     root, official = imported
-    proc = simscale_cli(["import", "official", str(root / "micro.pth"), "--out", str(tmp_path / "run"), "--preset",
-                         "tiny", f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", *COMMON])
-    assert proc.returncode == 0, tail(proc)
-    tag = tmp_path / "run" / "checkpoints" / "step_00000000"
+    if (stage, precision) == (3, "fp32"):  # the import the ZeRO-3 world-size test trains from
+        run = request.getfixturevalue("imported_z3")
+    else:
+        run = import_official(root, tmp_path / "run", f"deepspeed.zero_stage={stage}",
+                              f"deepspeed.precision={precision}")
+    tag = run / "checkpoints" / "step_00000000"
     with weights_only_loads():
         online = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
     target = consolidate([load_ema(tag, 0)])
@@ -146,7 +165,8 @@ def test_import_keeps_exact_fp32_weights_on_other_stages_and_precisions(imported
     assert torch.equal(online["predictor.rel_proj.weight"], official["decoder_pos_mlp.weight"])
 
 
-def test_zero3_import_keeps_its_frozen_patch_embedding_across_world_sizes(imported, train_shards, tmp_path):
+def test_zero3_import_keeps_its_frozen_patch_embedding_across_world_sizes(imported, imported_z3, train_shards,
+                                                                          tmp_path):
     """ZeRO-3, world 1 (the import) -> 2 -> 1: both resumes go through DeepSpeed's universal checkpoint,
     which carries only the optimizer's parameters. The frozen online patch embedding is in none, yet it
     must stay the imported one (not the seeded init): the first loss on 2 ranks is that of the official
@@ -155,11 +175,8 @@ def test_zero3_import_keeps_its_frozen_patch_embedding_across_world_sizes(import
 
     from simscale.train.weights_only import weights_only_loads
 
-    root, official = imported
-    run = tmp_path / "run"
-    proc = simscale_cli(["import", "official", str(root / "micro.pth"), "--out", str(run), "--preset", "tiny",
-                         "deepspeed.zero_stage=3", *COMMON])
-    assert proc.returncode == 0, tail(proc)
+    _, official = imported
+    run = shutil.copytree(imported_z3, tmp_path / "run")
     args = [f"run.dir={run}", f"data.train={train_shards}", "deepspeed.zero_stage=3", "run.save_every=2",
             "optim.max_steps=4", *COMMON]
     two = train_cli([*args, "optim.batch_size=2"], nproc=2, timeout=400)  # global batch 4, as the import's 1 x 4

@@ -115,8 +115,10 @@ def test_stop_file_and_sigterm_save_at_a_step_boundary_and_exit_0(train_shards, 
 
 
 # -- chaos under launchers/elastic.sh ---------------------------------------------------------------
-STEPS = 10
 KILLS = int(os.environ.get("SIMSCALE_CHAOS_KILLS", "3"))  # SIGKILLs before the SIGTERM (the issue: 3), ~30 s each
+# Interruptions land on distinct steps 1..STEPS-2 (4 of 5 by default), so each is mid-run and at least
+# two steps follow the last; 4 steps make an epoch here, so the run crosses an epoch boundary.
+STEPS = KILLS + 4
 
 
 def elastic(run_dir, shards, kills: str, timeout=900):

@@ -5,6 +5,7 @@ import pytest
 
 from simscale.eval.features import extract_features, load_encoder, pixel_features
 from simscale.eval.knn import knn_top1
+from simscale.export import export
 from tests.distrun import simscale_cli, tail
 
 pytestmark = pytest.mark.slow
@@ -19,9 +20,8 @@ def run(train_shards, tmp_path_factory):
                          "data.num_workers=0", "eval.every=2", f"eval.train={train_shards}",
                          f"eval.val={train_shards}", "log.tensorboard=false"])
     assert proc.returncode == 0, tail(proc)
-    for enc in ("online", "target"):
-        proc = simscale_cli(["export", str(root / "run"), "--out", str(root / enc), "--encoder", enc])
-        assert proc.returncode == 0, tail(proc)
+    for enc in ("online", "target"):  # in-process: the export CLI has its own tests (tests/test_export.py)
+        export(root / "run", root / enc, encoder=enc)
     return root
 
 

@@ -12,6 +12,7 @@ import torch
 
 from simscale.export import encoder_state_dict
 from simscale.train.checkpoint import tag_for
+from tests.conftest import FINISHED_RECIPE
 from tests.distrun import simscale_cli, tail, torchrun, train_cli
 
 pytestmark = pytest.mark.slow
@@ -80,41 +81,37 @@ def test_kill_and_resume_is_bit_exact(stage, train_shards, tmp_path):
         assert_same_weights(weights(split), weights(tmp_path / "full"))
 
 
-def test_incompatible_checkpoint_is_refused(train_shards, tmp_path):
-    common = [f"data.train={train_shards}", "data.num_workers=0", "optim.batch_size=4", "optim.max_steps=1",
-              "log.tensorboard=false", f"run.dir={tmp_path}"]
-    first = simscale_cli(["train", "--preset", "tiny", *common])
-    assert first.returncode == 0, tail(first)
-    second = simscale_cli(["train", "--preset", "tiny", *common, "model.depth=3", "optim.max_steps=2"])
+def test_incompatible_checkpoint_is_refused(finished_run, train_shards, tmp_path):
+    run = shutil.copytree(finished_run, tmp_path / "run")  # 2 steps of the tiny preset (model.depth=2)
+    common = [f"data.train={train_shards}", *FINISHED_RECIPE, "optim.batch_size=4", f"run.dir={run}"]
+    second = simscale_cli(["train", "--preset", "tiny", *common, "model.depth=3", "optim.max_steps=3"])
     assert second.returncode == 2, tail(second)
     assert "model.depth=2" in second.stderr and "Traceback" not in second.stderr
     # With the old checkpoints gone, the same command starts a fresh run.
-    shutil.rmtree(tmp_path / "checkpoints")
-    third = simscale_cli(["train", "--preset", "tiny", *common, "model.depth=3"])
+    shutil.rmtree(run / "checkpoints")
+    third = simscale_cli(["train", "--preset", "tiny", *common, "model.depth=3", "optim.max_steps=1"])
     assert third.returncode == 0, tail(third)
 
 
-def test_a_resume_keeps_the_runs_data_partitions_and_its_global_data_position(train_shards, tmp_path):
+def test_a_resume_keeps_the_runs_data_partitions_and_its_global_data_position(finished_run, train_shards, tmp_path):
     """The data position is samples of the epoch's global order, counted in the partitions the run
     started with: a resume with another batch size continues from it; a resume that cannot keep
     those partitions is one line."""
-    common = [f"data.train={train_shards}", "data.num_workers=0", "log.tensorboard=false", f"run.dir={tmp_path}",
-              "run.save_every=1"]
+    run = shutil.copytree(finished_run, tmp_path / "run")  # batch 4, 2 steps, a checkpoint each step
+    common = [f"data.train={train_shards}", *FINISHED_RECIPE, f"run.dir={run}"]
 
     def position(step):
-        meta = json.loads((tmp_path / "checkpoints" / tag_for(step) / "simscale_rank00000.json").read_text())
+        meta = json.loads((run / "checkpoints" / tag_for(step) / "simscale_rank00000.json").read_text())
         return meta["loop"]["epoch"], meta["loop"]["samples_in_epoch"]
 
-    first = simscale_cli(["train", "--preset", "tiny", *common, "optim.batch_size=4", "optim.max_steps=2"])
-    assert first.returncode == 0, tail(first)
-    assert "partitions: 4" in (tmp_path / "config.yaml").read_text()  # auto: the largest divisor of GM 4
+    assert "partitions: 4" in (run / "config.yaml").read_text()  # auto: the largest divisor of GM 4
     assert position(2) == (0, 8)
     # batch 8 alone would choose 8 partitions; the run keeps its 4 and goes on from sample 8
     second = simscale_cli(["train", "--preset", "tiny", *common, "optim.batch_size=8", "optim.max_steps=3"])
     assert second.returncode == 0, tail(second)
     assert "sample 8 of its global order" in second.stdout + second.stderr
     assert "data: 4 partitions of the epoch's sample order (4 per rank, 0 loader worker" in second.stdout + second.stderr
-    assert position(3) == (0, 16) and "partitions: 4" in (tmp_path / "config.yaml").read_text()
+    assert position(3) == (0, 16) and "partitions: 4" in (run / "config.yaml").read_text()
     for over, said in (("data.partitions=8", "was written with data.partitions=4, this run asks for 8"),
                        ("optim.batch_size=2", "recorded data.partitions=4 does not divide the micro-step global "
                                               "batch 1 ranks x optim.batch_size=2 = 2")):
