@@ -9,8 +9,8 @@ them unchanged: `learning_curve.py` swaps the class the Trainer builds (`method=
   `model.pool` (class token or mean patch token) -> MLP head (Linear-BN-ReLU-Linear, 128-d) ->
   NT-Xent over the 2B embeddings of the batch (temperature 0.2).
 - MAE-style (He et al. 2022) on SIM's inputs: view A masked as SIM masks it, the predictor
-  reconstructs view A's own patches (normalised pixels, MAE's norm_pix_loss) at all positions;
-  no second view, no target network.
+  reconstructs view A's own patches (normalised pixels, MAE's norm_pix_loss); the loss is
+  MAE's, on the masked patches only; no second view, no target network.
 """
 from __future__ import annotations
 
@@ -65,10 +65,14 @@ class MAE(SIM):
         ident = geometry.new_tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0]).expand_as(geometry)
         ids_keep = visible_indices(mask, mask.shape[1] - num_masked(self.grid, self.cfg.data.mask.ratio))
         pred = self.predictor(self.online(view_a, ids_keep), ids_keep, ident)
-        return {"pred": pred, "target": pixel_target(view_a, self.cfg.model.patch_size)}
+        return {"pred": pred, "target": pixel_target(view_a, self.cfg.model.patch_size), "mask": mask}
 
     def loss(self, out: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = (out["pred"].float() - out["target"]).pow(2).mean()
+        # MAE's loss: mean squared error per patch, averaged over the masked patches only (the
+        # visible ones are in the input; counting them would reward copying).
+        per_patch = (out["pred"].float() - out["target"]).pow(2).mean(-1)
+        masked = out["mask"].to(per_patch.dtype)
+        loss = (per_patch * masked).sum() / masked.sum()
         return loss, {"loss_mae": loss.detach()}
 
 

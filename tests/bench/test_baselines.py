@@ -53,3 +53,17 @@ def test_mae_reconstructs_its_own_view():
     out = model(view_a, view_b, geometry, mask)
     out_b = model(view_a, view_b * 0 + 5, geometry * 0 + 2, mask)  # view B and geometry are ignored
     assert torch.equal(out["target"], out_b["target"]) and torch.allclose(out["pred"], out_b["pred"])
+
+
+def test_mae_loss_counts_only_the_masked_patches():
+    torch.manual_seed(0)
+    model = MAE(build_config("tiny"))
+    view_a, view_b, geometry, mask = inputs()
+    out = model(view_a, view_b, geometry, mask)
+    loss, _ = model.loss(out)
+    err = (out["pred"].float() - out["target"]).pow(2).mean(-1)
+    assert loss.item() == pytest.approx(err[mask].mean().item(), rel=1e-6)
+    # A perfect reconstruction of the visible patches alone changes nothing.
+    pred = out["pred"].detach().clone()
+    pred[~mask] = out["target"][~mask]
+    assert model.loss({**out, "pred": pred})[0].item() == pytest.approx(loss.item(), rel=1e-6)
