@@ -81,10 +81,11 @@ fi
 say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed launcher"
 # model.pool=avg: at 32 px the mean patch token is the better readout of a 900-step SIM encoder
 # (bench/RESULTS.md "Learning at 32 px", issue 20); the export and the k-NN below use it.
+# base_lr 4e-3: the best of 2e-3 / 4e-3 / 6e-3 / 8e-3 at 900 steps (RESULTS.md, issue 20, stop 28).
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
     bash launchers/single_node.sh "data.train=$WORK/shards/train" "optim.batch_size=$BATCH" \
-    "optim.max_steps=$STEPS" "optim.warmup_steps=$(( STEPS / 15 ))" optim.base_lr=2e-3 "data.crop_scale=[0.3,1.0]" \
+    "optim.max_steps=$STEPS" "optim.warmup_steps=$(( STEPS / 15 ))" optim.base_lr=4e-3 "data.crop_scale=[0.3,1.0]" \
     model.pool=avg \
     data.num_workers=1 "run.save_every=$STEPS" log.every=10 \
     "eval.every=$EVAL_EVERY" "eval.train=$WORK/shards/train" "eval.val=$WORK/shards/val"
