@@ -105,8 +105,9 @@ def test_stop_file_and_sigterm_save_at_a_step_boundary_and_exit_0(train_shards, 
     assert proc.returncode == 130, tail(proc)
     assert f"interrupted at step 4; resume with: simscale train --preset tiny --config {run / 'config.yaml'} " \
            "--resume auto (during 'train step')" in proc.stderr.replace("\n", ""), tail(proc)
-    # wall-time checkpoints: every step is older than 0.001 min
-    proc = cli(run, train_shards, *common, "run.save_every_minutes=0.001")
+    # wall-time checkpoints: every step takes longer than 1e-6 min (60 us; a tiny-preset step on an idle
+    # CPU can take less than 0.001 min = 60 ms, which skipped a save here)
+    proc = cli(run, train_shards, *common, "run.save_every_minutes=1e-6")
     assert proc.returncode == 0, tail(proc)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [tag_for(s) for s in (1, 3, 4, 5, 6)]
     kinds = [e["kind"] for e in read_events(run)]
