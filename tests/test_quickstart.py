@@ -88,7 +88,7 @@ def test_quickstart_refuses_half_a_user_data_set(tmp_path):
 def test_the_quickstart_learns(tmp_path):
     """Issue 20: the quickstart as the README runs it (3000 images, 900 steps of 128 on 2 ranks),
     and its SIM encoder beats the random-init encoder by >= 8 k-NN points. The run is
-    deterministic (same seed, data order and kernels): the margin is not noise. ~3 min idle."""
+    deterministic (same seed, data order and kernels): the margin is not noise. ~9 min idle."""
     work = tmp_path / "work"
     env = cpu_env(WORK=str(work), PYTHON=sys.executable, MASTER_PORT=str(free_port()), SIMSCALE_NO_PROGRESS="1")
     proc = subprocess.run(["bash", "launchers/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
