@@ -7,7 +7,8 @@ the raw pixels after the same eval transform).
         --variant "crop:data.crop_scale=[0.3,1.0];optim.base_lr=2e-3" --out bench/out/curves
 
 A variant is NAME:override;override;... (simscale config overrides on top of `--base`, which
-defaults to the quickstart's recipe). Each variant trains in this process (world size 1, one
+defaults to the quickstart's recipe, QUICKSTART_RECIPE below: with `--steps 900` a `sim:` variant
+reproduces the quickstart's k-NN figures). Each variant trains in this process (world size 1, one
 DeepSpeed engine after the other) with the online k-NN monitor on; results go to OUT/curves.json
 (appended per variant, so a long study can be run in pieces) and OUT/curves.png. Both readouts
 (class token and mean patch token) are recorded; `online` is the one `model.pool` exports.
@@ -31,6 +32,11 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # bench/baselines.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+# launchers/quickstart.sh's training overrides on top of the tiny preset (warmup: steps / 15).
+QUICKSTART_RECIPE = ("optim.base_lr=4e-3;optim.warmup_steps={warmup};data.crop_scale=[0.3,1.0];model.depth=4;"
+                     "model.pool=avg")
 
 
 def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: int = 0) -> tuple[str, str]:
@@ -158,7 +164,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--batch", type=int, default=128, help="global batch (one process here)")
-    ap.add_argument("--base", default="", help="semicolon-separated overrides for every variant")
+    ap.add_argument("--base", default=None,
+                    help="semicolon-separated overrides for every variant (default: the quickstart's recipe)")
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=v;key=v (repeatable)")
     ap.add_argument("--out", default="bench/out/curves")
     args = ap.parse_args()
@@ -177,7 +184,8 @@ def main() -> None:
     base = [f"data.train={train}", f"eval.train={train}", f"eval.val={val}", f"eval.every={args.every}",
             f"optim.max_steps={args.steps}", f"optim.batch_size={args.batch}", "data.num_workers=1",
             "run.save_every=1000000", f"log.every={args.every}"]
-    base += [o for o in args.base.split(";") if o]
+    base_spec = QUICKSTART_RECIPE.format(warmup=args.steps // 15) if args.base is None else args.base
+    base += [o for o in base_spec.split(";") if o]
     for spec in args.variant or ["sim:"]:
         name, _, over = spec.partition(":")
         r = run_variant(name, base + [o for o in over.split(";") if o], out, info)

@@ -6,6 +6,7 @@ Fashion-MNIST images, catches that; the figures themselves are measured by hand 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,19 @@ def test_learning_scripts_run(tmp_path):
 
     text = _run([str(ROOT / "bench" / "copy_check.py"), "--images", "16"], tmp_path)
     assert "align a copying predictor reaches" in text and "image + position means" in text
+
+
+def test_the_default_base_is_the_quickstart_recipe():
+    """learning_curve.py's default base must stay the quickstart's training recipe, or its `sim:`
+    curve stops reproducing the quickstart's figures (as RESULTS.md's issue 20 tables assume)."""
+    import ast
+
+    tree = ast.parse((ROOT / "bench" / "learning_curve.py").read_text())
+    recipe = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == "QUICKSTART_RECIPE" for t in node.targets))
+    script = (ROOT / "launchers" / "quickstart.sh").read_text()
+    train_args = script[script.index("bash launchers/single_node.sh"):script.index('say "4/5')]
+    overrides = recipe.format(warmup="$(( STEPS / 15 ))").split(";")
+    assert len(overrides) >= 5
+    for override in overrides:
+        assert re.search(rf'(^|[\s"]){re.escape(override)}($|[\s"])', train_args, re.M), override
