@@ -87,13 +87,13 @@ def test_quickstart_refuses_half_a_user_data_set(tmp_path):
                     reason="needs Debian's dataset-fashion-mnist (.ci/setup installs it; in CI it must be there)")
 def test_the_quickstart_learns(tmp_path):
     """Issue 20: the quickstart as the README runs it (3000 images, 900 steps of 128 on 2 ranks),
-    and its SIM encoder beats the random-init encoder by >= 10 k-NN points (measured: +12.9, 72.2
-    vs 59.3; the issue asked for a test at +8). The run is deterministic on one stack (same seed,
-    data order and kernels); the margin allows for another CPU's kernels. ~10 min idle."""
+    and its SIM encoder beats the random-init encoder by >= 12 k-NN points, the issue's goal
+    (measured: +15.8, 75.1 vs 59.3, on Dec 5 2026). The run is deterministic on one stack (same
+    seed, data order and kernels); the margin allows for another CPU's kernels. ~9 min idle."""
     work = tmp_path / "work"
     env = cpu_env(WORK=str(work), PYTHON=sys.executable, MASTER_PORT=str(free_port()), SIMSCALE_NO_PROGRESS="1")
     proc = subprocess.run(["bash", "launchers/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     sim, rnd, pix = (json.loads((work / f"knn_{n}.json").read_text())["top1"] for n in ("sim", "random_init", "pixels"))
-    assert sim >= rnd + 10, f"SIM {sim:.2f} vs random init {rnd:.2f} (raw pixels {pix:.2f}): the encoder did not learn"
+    assert sim >= rnd + 12, f"SIM {sim:.2f} vs random init {rnd:.2f} (raw pixels {pix:.2f}): the encoder did not learn"
