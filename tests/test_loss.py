@@ -36,6 +36,7 @@ def _hand_loss(pred, target, cfg):
 VARIANTS = {
     "dense_release": LossConfig(),
     "global_plus_dense_paper": LossConfig(lam=0.05, a_global=0.7, a_dense=1.3, center_dense=True),
+    "dense_centred_quickstart": LossConfig(center_dense=True),  # launchers/quickstart.sh's loss
 }
 
 
