@@ -91,7 +91,7 @@ say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed lau
 # prediction has to place content within the image. 900 steps, mean of 3 seeds, k-NN on the avg
 # readout: 74.9 centred vs 71.6 uncentred vs 73.8 for MAE (RESULTS.md, issue 20, stop 30).
 # ema.momentum=0.99 (cosine to 1, the release starts at 0.995): a 900-step run needs a target that
-# follows the online encoder sooner; on MNIST (not tuned on before) 59.5 vs 56.4 (3 seeds), on
+# follows the online encoder sooner; on MNIST (not tuned on before) 59.2 vs 56.9 (4 seeds), on
 # Fashion-MNIST and the digits unchanged (RESULTS.md, issue 20, stop 31).
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
