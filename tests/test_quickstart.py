@@ -86,7 +86,7 @@ def test_quickstart_refuses_half_a_user_data_set(tmp_path):
 def test_the_quickstart_learns(tmp_path):
     """Issue 20: the quickstart as the README runs it (3000 images, 900 steps of 128 on 2 ranks),
     and its SIM encoder beats the random-init encoder by >= 12 k-NN points, the issue's goal
-    (measured: +15.9, 75.2 vs 59.3, on Dec 5 2026). The run is deterministic on one stack (same
+    (measured: +14.2, 73.5 vs 59.3, on Dec 5 2026). The run is deterministic on one stack (same
     seed, data order and kernels); the margin allows for another CPU's kernels. 4.4 min in CI on
     Dec 5 2026 (~9 min on slower machines). It is also the end-to-end test of the README's first
     command on its embedded default: every output check of `quickstart` runs on it."""
