@@ -93,8 +93,8 @@ say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed lau
 # ema.momentum=0.99 (cosine to 1, the release starts at 0.995): a 900-step run needs a target that
 # follows the online encoder sooner; on MNIST (not tuned on before) 59.2 vs 56.9 (4 seeds), on
 # Fashion-MNIST and the digits unchanged (RESULTS.md, issue 20, stop 31).
-# data.crop_scale=[0.5,1.0] (the release draws 0.08-1): a 0.3 crop of a 32 px digit often holds no digit,
-# and the target view's content outside it cannot be predicted. Digits 92.1 vs 88.3 (3 seeds;
+# data.crop_scale=[0.5,1.0] (the release draws 0.08-1): SIM predicts every token of the target view,
+# and (plausibly) a 0.3 crop of a small digit holds too little of it. Digits 92.1 vs 88.3 (3 seeds;
 # MAE 92.5), Fashion-MNIST 74.4 vs 75.0 (MAE 73.8), MNIST 60.8 vs 58.3 (2 seeds).
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
