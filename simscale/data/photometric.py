@@ -43,9 +43,10 @@ def sigma_range_for(img_size: int, sigma_at_224: tuple[float, float] = SIGMA_RAN
 
 
 def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True,
-                sigma_range: tuple[float, float] = SIGMA_RANGE) -> np.ndarray:
-    """One view's parameters. Every value is always drawn, so the RNG use is fixed."""
-    p = RECIPE[view]
+                sigma_range: tuple[float, float] = SIGMA_RANGE, solarize: float | None = None) -> np.ndarray:
+    """One view's parameters. Every value is always drawn, so the RNG use is fixed.
+    `solarize`: this view's solarize probability instead of the recipe's."""
+    p = RECIPE[view] if solarize is None else {**RECIPE[view], "solarize": solarize}
     out = np.zeros(K, dtype=np.float32)
     u = rng.random(4)  # jitter, gray, blur, solarize coin flips
     s = STRENGTH

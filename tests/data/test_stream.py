@@ -190,6 +190,19 @@ def test_same_view_and_resampled_mode(shards):
     assert all(torch.equal(a["view_b"], b["view_b"]) for a, b in zip(r1[1:], resumed))
 
 
+def test_view_b_solarize_probability_is_a_setting_that_leaves_everything_else_alone(shards):
+    from simscale.data.photometric import SOLAR
+    def batches(**data):
+        return collect(TwoViewStream(cfg_for(shards, **data)), 0)
+    recipe, never, always = batches(), batches(solarize_b=0.0), batches(solarize_b=1.0)
+    solar = lambda bs: torch.cat([b["photo_b"][:, SOLAR] for b in bs])  # noqa: E731
+    assert solar(never).sum() == 0 and (solar(always) == 1).all() and 0 < solar(recipe).sum() < len(solar(recipe))
+    for r, n in zip(recipe, never):  # the same draws otherwise: the coin flip is still drawn
+        assert torch.equal(r["view_b"], n["view_b"]) and torch.equal(r["photo_a"], n["photo_a"])
+        keep = [i for i in range(r["photo_b"].shape[1]) if i != SOLAR]
+        assert torch.equal(r["photo_b"][:, keep], n["photo_b"][:, keep])
+
+
 def test_exact_mode_without_counts_is_a_clear_error(shards, tmp_path):
     for p in shards.glob("shard-*.tar"):
         shutil.copy(p, tmp_path / p.name)
