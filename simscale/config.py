@@ -96,7 +96,7 @@ class DataConfig:
     blur_sigma: tuple[float, float] = key((0.1, 2.0), "Gaussian blur sigma (low, high), in pixels of a 224 px view",
                                           "[0, inf)", pair=True)
     # View B's solarize probability (the recipe's 0.2). Solarizing (x >= 128 -> 255 - x) a bright
-    # object on a dark ground (Fashion-MNIST, MNIST) erases the object: see bench/RESULTS.md.
+    # object on a dark ground (Fashion-MNIST, MNIST) darkens most of it: bench/RESULTS.md, stop 33.
     solarize_b: float = key(0.2, "probability of solarizing view B (the target view)", "[0, 1]")
     same_view: bool = key(False, "ablation switch: view B is view A's crop (and flip)")
     # Unreadable samples (and the rest of a truncated shard) are replaced and counted; past this
