@@ -96,7 +96,7 @@ say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed lau
 # data.crop_scale=[0.5,1.0] (the release draws 0.08-1): SIM predicts every token of the target view,
 # and (plausibly) a 0.3 crop of a small digit holds too little of it. Digits 92.1 vs 88.3 (3 seeds),
 # Fashion-MNIST 74.4 vs 75.0, MNIST 60.8 vs 58.3 (2 seeds). Against MAE on the same crops: digits
-# and MNIST level, Fashion-MNIST -0.8 (5 seeds), CIFAR-10 +1.9 (5 seeds; RESULTS.md, stop 32).
+# and MNIST level, Fashion-MNIST level (-0.1 over 10 seeds, stop 33), CIFAR-10 +1.9 (5 seeds, stop 32).
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
     bash launchers/single_node.sh "data.train=$WORK/shards/train" "optim.batch_size=$BATCH" \
