@@ -46,7 +46,7 @@ def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True,
                 sigma_range: tuple[float, float] = SIGMA_RANGE, solarize: float | None = None) -> np.ndarray:
     """One view's parameters. Every value is always drawn, so the RNG use is fixed.
     `solarize`: this view's solarize probability instead of the recipe's."""
-    p = RECIPE[view] if solarize is None else {**RECIPE[view], "solarize": solarize}
+    p = RECIPE[view]
     out = np.zeros(K, dtype=np.float32)
     u = rng.random(4)  # jitter, gray, blur, solarize coin flips
     s = STRENGTH
@@ -60,7 +60,7 @@ def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True,
         out[JITTER] = u[0] < p["jitter"]
         out[GRAY] = u[1] < p["gray"]
         out[BLUR] = u[2] < p["blur"]
-        out[SOLAR] = u[3] < p["solarize"]
+        out[SOLAR] = u[3] < (p["solarize"] if solarize is None else solarize)
     return out
 
 

@@ -244,8 +244,8 @@ class _Plan:
     min_aspect: float
     color_aug: bool
     sigma_range: tuple[float, float]
+    solarize_b: float
     interleave: int = 1
-    solarize_b: float = 0.2
     io: remote.IOOptions | None = None  # remote shard I/O (retries, cache), passed to every shard opened
     max_bad_fraction: float = 0.01
 
