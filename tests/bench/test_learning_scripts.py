@@ -38,10 +38,17 @@ def test_learning_scripts_run(tmp_path):
     assert set(results["variants"]) == {"sim", "simclr"}
     for r in results["variants"].values():
         assert r["steps"] == [0, 2] and all(0 <= v <= 100 for v in r["online"])
+        assert 0 <= r["linear_online"] <= 100 and f"linear {r['linear_online']:.2f}" in text
     assert 0 < results["raw_pixels"] <= 100 and "raw pixels k-NN" in text
     assert (out / "curves.png").is_file()
-
+    # The bench's linear probe is `simscale eval linear` on the exported encoder, to the digit.
     shards = tmp_path / "data" / "fmnist_8_4_shards"
+    subprocess.run([sys.executable, "-m", "simscale", "export", str(out / "runs" / "sim"), "--out",
+                    str(tmp_path / "export")], cwd=ROOT, check=True, capture_output=True)
+    probe = _run(["-m", "simscale", "eval", "linear", "--model", str(tmp_path / "export"), "--train",
+                  str(shards / "train"), "--val", str(shards / "val"), "--workers", "0"], ROOT)
+    assert f"{results['variants']['sim']['linear_online']:.2f}" in probe
+
     text = _run([str(ROOT / "bench" / "learning_diagnostics.py"), "--train", str(shards / "train"),
                  "--val", str(shards / "val"), "--steps", "2",
                  "--set", f"optim.batch_size=16;run.dir={tmp_path / 'diag'}"], tmp_path)
