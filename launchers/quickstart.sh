@@ -17,7 +17,7 @@
 # (optimizer steps, default 900), BATCH (per rank; default 64, lowered to fit a training set
 # smaller than 64 x NPROC images, which is then said in one line), EVAL_EVERY
 # (online k-NN every N steps, default 300; 0 = off: 4 evaluations of two encoders on 13,000
-# images took 6% of the training time on 2 loaded CPU cores), NPROC (default 2), PYTHON (default .venv/bin/python).
+# images took 12 s of 237 s of training, 5%, in CI on Dec 6 2026), NPROC (default 2), PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=${WORK:-quickstart}
@@ -99,7 +99,8 @@ say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed lau
 # data.crop_scale=[0.5,1.0] (the release draws 0.08-1): SIM predicts every token of the target view,
 # and (plausibly) a 0.3 crop of a small digit holds too little of it. Digits 92.1 vs 88.3 (3 seeds),
 # Fashion-MNIST 74.4 vs 75.0, MNIST 60.8 vs 58.3 (2 seeds). Against MAE on the same crops: digits
-# and MNIST level, Fashion-MNIST level (-0.1 over 10 seeds, stop 33), CIFAR-10 +1.9 (5 seeds, stop 32).
+# and MNIST level; on whole test splits, Fashion-MNIST +0.4 k-NN / +0.8 linear probe (10 seeds), CIFAR-10
+# -0.1 k-NN / -0.9 linear (10 seeds) (RESULTS.md, issue 20, stop 34).
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
     bash launchers/single_node.sh "data.train=$WORK/shards/train" "optim.batch_size=$BATCH" \
