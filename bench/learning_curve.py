@@ -234,8 +234,8 @@ def run_variant(name: str, overrides: list[str], out: Path, info) -> dict:
 
 
 def linear_probe(trainer, pool: str) -> float:
-    """Linear-probe top-1 (%) of the final online encoder on the monitor's decoded splits (world size
-    1: the whole of both), the readout `pool` as exported: what `simscale eval linear` gives on the export."""
+    """Linear-probe top-1 (%) of the final online encoder on the monitor's decoded splits (world
+    size 1: the whole of both), readout `pool` as exported: `simscale eval linear` on the export."""
     from simscale.eval.linear import linear_top1
     from simscale.train.online_knn import pooled
 
@@ -244,7 +244,8 @@ def linear_probe(trainer, pool: str) -> float:
     encoder.eval()
     try:
         with torch.no_grad():
-            feats = [torch.cat([pooled(encoder, x[s:s + 256], pool).float() for s in range(0, len(x), 256)])
+            feats = [torch.cat([pooled(encoder, x[s:s + 256].to(knn.device, knn.dtype), pool).float().cpu()
+                                for s in range(0, len(x), 256)])
                      for x in (knn.train_x, knn.val_x)]
     finally:
         encoder.train(was)

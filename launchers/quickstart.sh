@@ -15,9 +15,9 @@
 # (default 1000: the whole test split, 10,000 images; 1000 images read k-NN only to about +-1.4
 # points, more than the differences between methods: RESULTS.md, issue 20, stop 34), STEPS
 # (optimizer steps, default 900), BATCH (per rank; default 64, lowered to fit a training set
-# smaller than 64 x NPROC images, which is then said in one line), EVAL_EVERY
-# (online k-NN every N steps, default 300; 0 = off: 4 evaluations of two encoders on 13,000
-# images took 12 s of 237 s of training, 5%, in CI on Dec 6 2026), NPROC (default 2), PYTHON (default .venv/bin/python).
+# smaller than 64 x NPROC images, which is then said in one line), EVAL_EVERY (online k-NN every
+# N steps, default 300; 0 = off: 4 evaluations of two encoders on 13,000 images took 12 s of
+# 237 s of training, 5%, in CI on Dec 6 2026), NPROC (default 2), PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=${WORK:-quickstart}
@@ -98,9 +98,9 @@ say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed lau
 # Fashion-MNIST and the digits unchanged (RESULTS.md, issue 20, stop 31).
 # data.crop_scale=[0.5,1.0] (the release draws 0.08-1): SIM predicts every token of the target view,
 # and (plausibly) a 0.3 crop of a small digit holds too little of it. Digits 92.1 vs 88.3 (3 seeds),
-# Fashion-MNIST 74.4 vs 75.0, MNIST 60.8 vs 58.3 (2 seeds). Against MAE on the same crops: digits
-# and MNIST level; on whole test splits, Fashion-MNIST +0.4 k-NN / +0.8 linear probe (10 seeds), CIFAR-10
-# -0.1 k-NN / -0.9 linear (10 seeds) (RESULTS.md, issue 20, stop 34).
+# Fashion-MNIST 74.4 vs 75.0, MNIST 60.8 vs 58.3 (2 seeds). Against MAE on the same crops, scored
+# on whole test splits (RESULTS.md, issue 20, stop 34): Fashion-MNIST +0.4 k-NN / +0.8 linear
+# probe, CIFAR-10 -0.1 / -0.9 (10 seeds each); MNIST and the digits level.
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
     bash launchers/single_node.sh "data.train=$WORK/shards/train" "optim.batch_size=$BATCH" \
