@@ -99,8 +99,8 @@ say "3/5 SIM pretraining: $STEPS steps, $NPROC processes under the deepspeed lau
 # data.crop_scale=[0.5,1.0] (the release draws 0.08-1): SIM predicts every token of the target view,
 # and (plausibly) a 0.3 crop of a small digit holds too little of it. Digits 92.1 vs 88.3 (3 seeds),
 # Fashion-MNIST 74.4 vs 75.0, MNIST 60.8 vs 58.3 (2 seeds). Against MAE on the same crops, scored
-# on whole test splits (RESULTS.md, issue 20, stop 34): Fashion-MNIST +0.4 k-NN / +0.8 linear
-# probe, CIFAR-10 -0.1 / -0.9 (10 seeds each); MNIST and the digits level.
+# on whole test splits (RESULTS.md, issue 20, stops 34-35): Fashion-MNIST +0.3 k-NN / +0.6 linear
+# probe (18 seeds), CIFAR-10 -0.1 / -0.9 (10 seeds); MNIST and the digits level.
 rm -rf "$WORK/run"
 NPROC=$NPROC PRESET=tiny RESUME=none RUN_DIR="$WORK/run" MASTER_PORT=${MASTER_PORT:-29517} \
     bash launchers/single_node.sh "data.train=$WORK/shards/train" "optim.batch_size=$BATCH" \
