@@ -237,19 +237,10 @@ def linear_probe(trainer, pool: str) -> float:
     """Linear-probe top-1 (%) of the final online encoder on the monitor's decoded splits (world
     size 1: the whole of both), readout `pool` as exported: `simscale eval linear` on the export."""
     from simscale.eval.linear import linear_top1
-    from simscale.train.online_knn import pooled
 
-    knn, encoder = trainer.knn, trainer.model.online.encoder
-    was = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            feats = [torch.cat([pooled(encoder, x[s:s + 256].to(knn.device, knn.dtype), pool).float().cpu()
-                                for s in range(0, len(x), 256)])
-                     for x in (knn.train_x, knn.val_x)]
-    finally:
-        encoder.train(was)
-    (tf, vf), ty, vy = feats, knn.train_y, knn.val_y
+    knn = trainer.knn
+    tf, vf = (f[pool].cpu() for f in knn.split_features(trainer.model.online.encoder))
+    ty, vy = knn.train_y, knn.val_y
     return 100.0 * linear_top1(tf[ty >= 0], ty[ty >= 0], vf[vy >= 0], vy[vy >= 0])
 
 

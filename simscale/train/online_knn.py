@@ -133,15 +133,18 @@ class OnlineKNN:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
-    def _top1(self, encoder: nn.Module) -> dict[str, float]:
-        """{pool: percent} for both readouts."""
+    def split_features(self, encoder: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """This rank's (train, val) features, both readouts, the encoder in eval mode meanwhile."""
         was = encoder.training
         encoder.eval()
         try:
-            tf = self._features(encoder, self.train_x)
-            vf = self._features(encoder, self.val_x)
+            return self._features(encoder, self.train_x), self._features(encoder, self.val_x)
         finally:
             encoder.train(was)
+
+    def _top1(self, encoder: nn.Module) -> dict[str, float]:
+        """{pool: percent} for both readouts."""
+        tf, vf = self.split_features(encoder)
         ty, vy = self._gather(self.train_y.to(self.device)), self._gather(self.val_y.to(self.device))
         tk, vk = ty >= 0, vy >= 0  # drop the padding rows
         n_classes = int(max(ty.max(), vy.max())) + 1
