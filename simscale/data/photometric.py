@@ -43,13 +43,16 @@ def sigma_range_for(img_size: int, sigma_at_224: tuple[float, float] = SIGMA_RAN
 
 
 def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True,
-                sigma_range: tuple[float, float] = SIGMA_RANGE, solarize: float | None = None) -> np.ndarray:
-    """One view's parameters. Every value is always drawn, so the RNG use is fixed.
-    `solarize`: this view's solarize probability instead of the recipe's."""
+                sigma_range: tuple[float, float] = SIGMA_RANGE, solarize: float | None = None,
+                jitter: tuple[float, float, float, float] | None = None, gray: float | None = None) -> np.ndarray:
+    """One view's parameters. Every value is always drawn, so the RNG use is fixed (a zero
+    strength draws a factor of exactly 1, or a hue shift of 0). `solarize`, `gray`: this view's
+    solarize / grayscale probability instead of the recipe's; `jitter`: (brightness, contrast,
+    saturation, hue) strengths instead of the recipe's STRENGTH."""
     p = RECIPE[view]
     out = np.zeros(K, dtype=np.float32)
     u = rng.random(4)  # jitter, gray, blur, solarize coin flips
-    s = STRENGTH
+    s = STRENGTH if jitter is None else dict(zip(("brightness", "contrast", "saturation", "hue"), jitter))
     out[BRIGHT] = rng.uniform(max(0.0, 1 - s["brightness"]), 1 + s["brightness"])
     out[CONTRAST] = rng.uniform(max(0.0, 1 - s["contrast"]), 1 + s["contrast"])
     out[SAT] = rng.uniform(max(0.0, 1 - s["saturation"]), 1 + s["saturation"])
@@ -58,7 +61,7 @@ def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True,
     out[SIGMA] = rng.uniform(*sigma_range)
     if color_aug:
         out[JITTER] = u[0] < p["jitter"]
-        out[GRAY] = u[1] < p["gray"]
+        out[GRAY] = u[1] < (p["gray"] if gray is None else gray)
         out[BLUR] = u[2] < p["blur"]
         out[SOLAR] = u[3] < (p["solarize"] if solarize is None else solarize)
     return out

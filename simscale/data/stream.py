@@ -245,6 +245,8 @@ class _Plan:
     color_aug: bool
     sigma_range: tuple[float, float]
     solarize_b: float
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale_p: float = 0.2
     interleave: int = 1
     io: remote.IOOptions | None = None  # remote shard I/O (retries, cache), passed to every shard opened
     max_bad_fraction: float = 0.01
@@ -309,8 +311,10 @@ class _Plan:
             raise _Unreadable(f"cannot be decoded ({type(exc).__name__})") from None
         mask = block_mask(mask_rng, self.grid, self.mask_ratio, self.min_block, self.min_aspect)
         return {"view_a": view_a, "view_b": view_b, "geometry": geometry, "mask": mask,
-                "photo_a": draw_params(photo_rng, "a", self.color_aug, self.sigma_range),
-                "photo_b": draw_params(photo_rng, "b", self.color_aug, self.sigma_range, self.solarize_b),
+                "photo_a": draw_params(photo_rng, "a", self.color_aug, self.sigma_range, None, self.jitter,
+                                       self.grayscale_p),
+                "photo_b": draw_params(photo_rng, "b", self.color_aug, self.sigma_range, self.solarize_b,
+                                       self.jitter, self.grayscale_p),
                 "label": _label(sample.get("cls")), "index": index}
 
     def _decode_or_substitute(self, epoch: int, pos: int, items: list, budget: list[int], fallback) -> dict:
@@ -513,7 +517,7 @@ class TwoViewStream:
             mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,
             min_aspect=d.mask.min_aspect, color_aug=d.color_aug,
             sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)), interleave=d.shard_interleave,
-            solarize_b=d.solarize_b, io=io, max_bad_fraction=d.max_bad_fraction)
+            solarize_b=d.solarize_b, jitter=tuple(d.color_jitter), grayscale_p=d.grayscale_p, io=io, max_bad_fraction=d.max_bad_fraction)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """This rank's micro-batches of `epoch` from data position `start` (samples of the epoch's

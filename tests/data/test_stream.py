@@ -203,6 +203,22 @@ def test_view_b_solarize_probability_is_a_setting_that_leaves_everything_else_al
         assert torch.equal(r["photo_b"][:, keep], n["photo_b"][:, keep])
 
 
+def test_colour_jitter_strengths_and_grayscale_are_settings_that_leave_everything_else_alone(shards):
+    from simscale.data.photometric import BRIGHT, GRAY, HUE, SAT
+
+    def batches(**data):
+        return collect(TwoViewStream(cfg_for(shards, **data)), 0)
+    recipe, kept = batches(), batches(color_jitter="[0.4,0.4,0,0]", grayscale_p=0.0)
+    for view in ("photo_a", "photo_b"):
+        r, k = (torch.cat([b[view] for b in bs]) for bs in (recipe, kept))
+        assert (k[:, SAT] == 1).all() and (k[:, HUE] == 0).all() and (k[:, GRAY] == 0).all()
+        assert (r[:, SAT] != 1).all() and (r[:, HUE] != 0).all() and 0 < r[:, GRAY].sum() < len(r)
+        keep = [i for i in range(r.shape[1]) if i not in (SAT, HUE, GRAY)]  # the same draws otherwise
+        assert torch.equal(r[:, keep], k[:, keep]) and (r[:, BRIGHT] != 1).all()
+    for r, k in zip(recipe, kept):
+        assert torch.equal(r["view_a"], k["view_a"]) and torch.equal(r["mask"], k["mask"])
+
+
 def test_exact_mode_without_counts_is_a_clear_error(shards, tmp_path):
     for p in shards.glob("shard-*.tar"):
         shutil.copy(p, tmp_path / p.name)
