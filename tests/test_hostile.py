@@ -28,7 +28,8 @@ BAD_OVERRIDES = [
     "model.img_size=0", "model.embed_dim=0", "model.mlp_ratio=0", "model.drop_path=1", "model.decoder_dim=0",
     "model.decoder_heads=0", "model.predictor_depth=-1", "data.samples_per_epoch=-1", "run.seed=-1",
     "run.max_nonfinite_streak=0", "deepspeed.zero_stage=4", "deepspeed.reduce_bucket_size=0",
-    "optim.base_lr=.nan", "optim.epochs=.inf",
+    "optim.base_lr=.nan", "optim.epochs=.inf", "data.color_jitter=[0.4,0.4,0.2,0.6]", "data.color_jitter=[0.4,-1,0,0]",
+    "data.color_jitter=[0.4,0.4]", "data.grayscale_p=1.5",
 ]
 
 
