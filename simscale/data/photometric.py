@@ -52,11 +52,11 @@ def draw_params(rng: np.random.Generator, view: str, color_aug: bool = True,
     p = RECIPE[view]
     out = np.zeros(K, dtype=np.float32)
     u = rng.random(4)  # jitter, gray, blur, solarize coin flips
-    s = STRENGTH if jitter is None else dict(zip(("brightness", "contrast", "saturation", "hue"), jitter))
-    out[BRIGHT] = rng.uniform(max(0.0, 1 - s["brightness"]), 1 + s["brightness"])
-    out[CONTRAST] = rng.uniform(max(0.0, 1 - s["contrast"]), 1 + s["contrast"])
-    out[SAT] = rng.uniform(max(0.0, 1 - s["saturation"]), 1 + s["saturation"])
-    out[HUE] = rng.uniform(-s["hue"], s["hue"])
+    bright, contrast, sat, hue = STRENGTH.values() if jitter is None else jitter
+    out[BRIGHT] = rng.uniform(max(0.0, 1 - bright), 1 + bright)
+    out[CONTRAST] = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
+    out[SAT] = rng.uniform(max(0.0, 1 - sat), 1 + sat)
+    out[HUE] = rng.uniform(-hue, hue)
     out[ORDER:ORDER + 4] = rng.permutation(4)
     out[SIGMA] = rng.uniform(*sigma_range)
     if color_aug:

@@ -245,8 +245,8 @@ class _Plan:
     color_aug: bool
     sigma_range: tuple[float, float]
     solarize_b: float
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    grayscale_p: float = 0.2
+    jitter: tuple[float, float, float, float]
+    grayscale_p: float
     interleave: int = 1
     io: remote.IOOptions | None = None  # remote shard I/O (retries, cache), passed to every shard opened
     max_bad_fraction: float = 0.01
@@ -517,7 +517,8 @@ class TwoViewStream:
             mask_ratio=d.mask.ratio, min_block=d.mask.min_block_patches,
             min_aspect=d.mask.min_aspect, color_aug=d.color_aug,
             sigma_range=sigma_range_for(m.img_size, tuple(d.blur_sigma)), interleave=d.shard_interleave,
-            solarize_b=d.solarize_b, jitter=tuple(d.color_jitter), grayscale_p=d.grayscale_p, io=io, max_bad_fraction=d.max_bad_fraction)
+            solarize_b=d.solarize_b, jitter=tuple(d.color_jitter), grayscale_p=d.grayscale_p, io=io,
+            max_bad_fraction=d.max_bad_fraction)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """This rank's micro-batches of `epoch` from data position `start` (samples of the epoch's
