@@ -50,7 +50,7 @@ import torch  # noqa: E402
 # launchers/quickstart.sh's training overrides on top of the tiny preset (warmup: steps / 15).
 QUICKSTART_RECIPE = ("optim.base_lr=4e-3;optim.warmup_steps={warmup};data.crop_scale=[0.5,1.0];model.depth=4;"
                      "model.pool=avg;loss.center_dense=true;ema.momentum=0.99;"
-                     "data.color_jitter=[0.4,0.4,0,0];data.grayscale_p=0")
+                     "data.color_jitter=[0.4,0.4,0,0];data.grayscale_p=0;data.solarize_b=0;loss.lam=0.24")
 
 
 # --val-per-class when not given: the whole test split where the set has one of that size (the
